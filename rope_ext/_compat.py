@@ -1,0 +1,21 @@
+"""The transformers versions rope-ext is tested with; outside them we fail early and clearly."""
+from __future__ import annotations
+
+from importlib.metadata import version
+
+SUPPORTED = ((5, 0), (6, 0))
+
+
+def _parse(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def check_transformers() -> None:
+    installed = version("transformers")
+    low, high = SUPPORTED
+    if not low <= _parse(installed) < high:
+        raise ImportError(
+            f"rope-ext needs transformers >= {low[0]}.{low[1]} and < {high[0]}.{high[1]} (RoPE in "
+            f"config.rope_parameters); found {installed}. Install with: pip install 'transformers>=5,<6'"
+        )

@@ -1,0 +1,6 @@
+"""Length-extrapolation methods: one registry, one small file per family of formulas."""
+from . import alibi, frequency, rerope  # noqa: F401  (registration)
+from .base import Method, RopeSpec
+from .registry import REGISTRY, get, names, register
+
+__all__ = ["Method", "RopeSpec", "REGISTRY", "get", "names", "register"]

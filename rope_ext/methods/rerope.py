@@ -1,0 +1,111 @@
+"""Attention-level position maps: ReRoPE, Leaky ReRoPE (Su 2023) and Self-Extend (Jin et al. 2024).
+
+All three keep ordinary RoPE inside a window w and remap far relative positions. Written as the
+positions each side is rotated to in the far part, so that q_far(i) - k_far(j) is the new relative
+position; the attention itself is ``rope_ext.two_part``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from .base import Method, RopeSpec, check_int, check_number
+from .registry import register
+
+if TYPE_CHECKING:
+    from ..attention import AttentionContext
+
+
+def rerope_relative(rel: torch.Tensor, w: int) -> torch.Tensor:
+    """ReRoPE (Su 2023, "Rectified Rotary Position Embeddings"): rel' = min(rel, w)."""
+    return torch.clamp(rel, max=w)
+
+
+def leaky_rerope_relative(rel: torch.Tensor, w: int, k: float) -> torch.Tensor:
+    """Leaky ReRoPE (Su 2023): rel' = rel if rel < w else w + (rel - w) / k, with k > 1."""
+    return torch.where(rel < w, rel.to(torch.float32), w + (rel - w) / k)
+
+
+def self_extend_relative(q: torch.Tensor, k: torch.Tensor, G: int, w: int) -> torch.Tensor:
+    """Self-Extend (Jin et al. 2024, "LLM Maybe LongLM", eq. 3): rel' = rel if rel < w else
+    floor(q/G) - floor(k/G) + w - floor(w/G)."""
+    rel = q - k
+    grouped = torch.div(q, G, rounding_mode="floor") - torch.div(k, G, rounding_mode="floor") + w - w // G
+    return torch.where(rel < w, rel, grouped)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowedMethod(Method):
+    """A method with ordinary RoPE inside a window and remapped positions outside it."""
+
+    kind: ClassVar[str] = "attention"
+    rotation: ClassVar[str] = "deferred"
+    window: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self, "window", minimum=1)
+
+    def bind(self, spec: RopeSpec) -> "WindowedMethod":
+        bound = super().bind(spec)
+        if self.window >= bound.trained_length:
+            raise ValueError(
+                f"{self.name}: window={self.window} must be < the trained length {bound.trained_length} "
+                f"(positions inside the window must have been seen in training)"
+            )
+        return bound
+
+    def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query, key) positions of the far part, whose difference is the remapped distance."""
+        raise NotImplementedError
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
+        q_near, k_near = ctx.rotate(query, ctx.q_pos, "q"), ctx.rotate(key, ctx.k_pos, "k")
+        if int((ctx.q_pos[:, -1] - ctx.k_pos[:, 0]).max()) < self.window:
+            return ctx.base(q_near, k_near, value)
+        fq, fk = self.far_positions(ctx.q_pos, ctx.k_pos)
+        q_far, k_far = ctx.rotate(query, fq, "q_far"), ctx.rotate(key, fk, "k_far")
+        return ctx.two_part(q_near, k_near, q_far, k_far, value, self.window)
+
+
+@register("rerope")
+@dataclass(frozen=True, kw_only=True)
+class ReRoPE(WindowedMethod):
+    summary: ClassVar[str] = "ReRoPE: relative positions past the window are clipped to the window"
+    reference: ClassVar[str] = "Su 2023, Rectified Rotary Position Embeddings (ReRoPE)"
+
+    def far_positions(self, q_pos, k_pos):
+        return torch.full_like(q_pos, self.window), torch.zeros_like(k_pos)
+
+
+@register("leaky_rerope")
+@dataclass(frozen=True, kw_only=True)
+class LeakyReRoPE(WindowedMethod):
+    summary: ClassVar[str] = "Leaky ReRoPE: relative positions past the window grow with slope 1/k"
+    reference: ClassVar[str] = "Su 2023, Rectified Rotary Position Embeddings (Leaky ReRoPE)"
+    k: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self, "k", above=1.0)
+
+    def far_positions(self, q_pos, k_pos):
+        return self.window + (q_pos - self.window) / self.k, k_pos / self.k
+
+
+@register("self_extend")
+@dataclass(frozen=True, kw_only=True)
+class SelfExtend(WindowedMethod):
+    summary: ClassVar[str] = "Self-Extend: neighbour window plus floor-grouped positions beyond it"
+    reference: ClassVar[str] = "Jin et al. 2024, LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning"
+    group_size: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self, "group_size", minimum=1)
+
+    def far_positions(self, q_pos, k_pos):
+        G, w = self.group_size, self.window
+        return torch.div(q_pos, G, rounding_mode="floor") + w - w // G, torch.div(k_pos, G, rounding_mode="floor")

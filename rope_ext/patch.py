@@ -1,0 +1,249 @@
+"""patch / unpatch / patched / current: turn a method on in ONE loaded model, atomically and reversibly.
+
+Frequency methods write new theta_i and cos/sin magnitude into the model's rotary module (the model
+rotates as usual: zero overhead). Methods that change attention, or that must re-rotate cached keys
+(dynamic NTK / YaRN, ReRoPE ...), make the rotary module hand out the identity rotation, so q and k
+reach -- and the KV cache stores -- them unrotated, and select rope_ext's attention function for this
+model only (``rope_ext.attention``). Every write goes through one Recorder kept on the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import attention
+from .methods import registry
+from .methods.base import Method, RopeSpec
+from .recorder import Recorder
+
+ATTR = "rope_ext_patch"
+KERNELS = ("auto", "torch", "triton")
+
+
+@dataclass
+class Patch:
+    """What is active on a model, and how to undo it."""
+
+    method: Method
+    family: str
+    specs: dict[str | None, RopeSpec]
+    attn_implementation: str | None
+    kernel: str
+    recorder: Recorder = dataclasses.field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def describe(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.method.params().items() if v is not None)
+        return f"{self.name}({params}) on {self.family}" + (f" via {self.attn_implementation}" if self.attn_implementation else "")
+
+
+def current(model: nn.Module) -> Patch | None:
+    """The active Patch of ``model``, or None."""
+    return model.__dict__.get(ATTR)
+
+
+def build_method(method: str, params: dict[str, Any]) -> Method:
+    """Construct a registered method from keyword parameters, with errors that list what is allowed."""
+    cls = registry.get(method)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise TypeError(f"{method}: unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    try:
+        return cls(**params)
+    except TypeError as err:
+        if "missing" in str(err):
+            required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            raise TypeError(f"{method}: missing required parameter(s): {', '.join(required)}") from None
+        raise
+
+
+def model_specs(model: nn.Module, family) -> dict[str | None, RopeSpec]:
+    """RopeSpec per rotary table of the model (one, or one per layer type)."""
+    config = model.config
+    rotaries = family.rotary_modules(model)
+    if not rotaries:
+        raise ValueError(f"{type(model).__name__} has no rotary embedding module; it does not use RoPE")
+    rotary = rotaries[0]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    specs = {}
+    for layer_type in family.layer_types(rotary):
+        params = family.rope_parameters(config, layer_type)
+        trained = params.get("original_max_position_embeddings") or getattr(config, "max_position_embeddings", None)
+        if not trained:
+            raise ValueError(
+                "the model's trained length is unknown: config has neither max_position_embeddings nor "
+                "rope_parameters['original_max_position_embeddings']; pass original_max_position_embeddings="
+            )
+        inv_freq = getattr(rotary, f"{family.buffer_prefix(layer_type)}original_inv_freq")
+        specs[layer_type] = RopeSpec(
+            rope_theta=float(params["rope_theta"]), rotary_dim=2 * inv_freq.numel(),
+            trained_length=int(trained), head_dim=int(head_dim), num_heads=int(config.num_attention_heads),
+        )
+    return specs
+
+
+def _model_configs(model: nn.Module) -> list[Any]:
+    seen, configs = set(), []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation") and id(config) not in seen:
+            seen.add(id(config))
+            configs.append(config)
+    return configs
+
+
+def _identity_forward(rotary: nn.Module, runtime: attention.Runtime, rotary_dim: int):
+    """Rotary forward handing out cos = 1, sin = 0 (q, k stay unrotated) and noting the positions."""
+
+    def forward(x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any):
+        runtime.new_forward(position_ids)
+        shape = (*position_ids.shape, rotary_dim)
+        return torch.ones(shape, dtype=x.dtype, device=x.device), torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+    return forward
+
+
+def _observing_forward(rotary: nn.Module, runtime: attention.Runtime):
+    """Rotary forward unchanged, noting the positions for the attention function."""
+    original = type(rotary).forward
+
+    def forward(x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any):
+        runtime.new_forward(position_ids)
+        return original(rotary, x, position_ids, *args, **kwargs)
+
+    return forward
+
+
+def _write_frequencies(rec: Recorder, model: nn.Module, family, method: Method, specs) -> None:
+    for rotary in family.rotary_modules(model):
+        rope_type = rotary.rope_type
+        for layer_type in family.layer_types(rotary):
+            prefix = family.buffer_prefix(layer_type)
+            old = getattr(rotary, f"{prefix}inv_freq")
+            inv_freq, scaling = method.frequencies(specs[layer_type])
+            inv_freq = inv_freq.to(device=old.device, dtype=old.dtype)
+            rec.setattr(rotary, f"{prefix}inv_freq", inv_freq)
+            rec.setattr(rotary, f"{prefix}original_inv_freq", inv_freq.clone())
+            rec.setattr(rotary, f"{prefix}attention_scaling", scaling)
+        new_type = {k: "default" for k in rope_type} if isinstance(rope_type, dict) else "default"
+        rec.setattr(rotary, "rope_type", new_type)
+
+
+def _write_config(rec: Recorder, model: nn.Module, family, method: Method, specs) -> None:
+    config = model.config
+    native = {lt: method.native_rope_parameters(spec) for lt, spec in specs.items()}
+    if all(v is not None for v in native.values()):
+        keep = ("partial_rotary_factor",)
+        if list(native) == [None]:
+            old = config.rope_parameters
+            new = {**{k: old[k] for k in keep if k in old}, **native[None]}
+        else:
+            new = {lt: {**{k: config.rope_parameters[lt][k] for k in keep if k in config.rope_parameters[lt]}, **p} for lt, p in native.items()}
+        rec.setattr(config, "rope_parameters", new)
+    block = {"method": method.name, "params": _jsonable(method.params()), "original_rope_parameters": config.rope_parameters}
+    rec.setattr(config, "rope_ext", block)
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def patch(model: nn.Module, method: str, *, replace: bool = False, kernel: str = "auto",
+          train_attention: Any = None, **params: Any) -> Patch:
+    """Turn ``method`` on in ``model`` (in place) and return the Patch handle.
+
+    ``params`` are the method's own (``factor`` / ``target_length``, ``window``, ``logn`` ...; see
+    ``rope-ext methods``). ``replace=True`` swaps an active patch; ``kernel`` picks the rotary
+    implementation for the rotations rope_ext performs ("auto": Triton on CUDA, torch elsewhere);
+    ``train_attention`` is an attention pattern used only in training mode (LongLoRA's S2-Attn).
+    Everything is validated before the model is touched; on any error the model is unchanged.
+    """
+    old = current(model)
+    if old is not None and not replace:
+        raise ValueError(f"model is already patched with {old.describe()}; call rope_ext.unpatch(model) first or pass replace=True")
+    family, bound, specs = _resolve(model, method, kernel, train_attention, params)
+    if old is not None:
+        unpatch(model)
+    return _apply(model, family, bound, specs, kernel, train_attention)
+
+
+def unpatch(model: nn.Module) -> None:
+    """Restore ``model`` exactly as it was before ``patch`` (buffers, config, attention choice)."""
+    handle = current(model)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by rope_ext; nothing to unpatch")
+    handle.recorder.undo()
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, method: str, **params: Any) -> Iterator[Patch]:
+    """``with rope_ext.patched(model, "yarn", factor=8): ...`` -- patch, then always unpatch."""
+    handle = patch(model, method, **params)
+    try:
+        yield handle
+    finally:
+        if current(model) is handle:
+            unpatch(model)
+
+
+def _resolve(model: nn.Module, method: str, kernel: str, train_attention: Any, params: dict[str, Any]):
+    from rope_ext.patches import family_for
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    family = family_for(model)
+    built = build_method(method, params)
+    specs = model_specs(model, family)
+    main_spec = specs.get("full_attention") or next(iter(specs.values()))
+    bound = built.bind(main_spec)
+    specs = {lt: dataclasses.replace(s, trained_length=bound.trained_length) for lt, s in specs.items()}
+    if (bound.needs_attention_hook or train_attention is not None) and not family.attention_interface:
+        raise ValueError(f"{method} changes attention, but {family.name} does not use transformers' AttentionInterface; "
+                         f"only static frequency methods apply: {', '.join(n for n in registry.names() if registry.get(n).rotation == 'static' and registry.get(n).kind == 'frequency')}")
+    if train_attention is not None:
+        if bound.kind != "frequency":
+            raise ValueError(f"train_attention combines with frequency methods only, not {method}")
+        if not callable(getattr(train_attention, "attend", None)):
+            raise TypeError("train_attention must have an attend(query, key, value, causal) method")
+    return family, bound, specs
+
+
+def _apply(model, family, method: Method, specs, kernel: str, train_attention: Any) -> Patch:
+    rec = Recorder()
+    try:
+        attn_name = None
+        if method.rotation == "static":
+            _write_frequencies(rec, model, family, method, specs)
+        if method.needs_attention_hook or train_attention is not None:
+            base = model.config._attn_implementation or "eager"
+            attn_name = attention.register(base)
+            runtime = attention.Runtime(method=method, specs=specs, train_attention=train_attention, rotary_kernel=kernel)
+            for rotary in family.rotary_modules(model):
+                if method.rotation == "static":
+                    forward = _observing_forward(rotary, runtime)
+                else:
+                    forward = _identity_forward(rotary, runtime, next(iter(specs.values())).rotary_dim)
+                rec.setattr(rotary, "forward", forward)
+            for module in family.attention_modules(model):
+                rec.setattr(module, "rope_ext_runtime", runtime)
+                rec.setattr(module, "rope_ext_layer_type", family.layer_type_of(module))
+            for config in _model_configs(model):
+                rec.setattr(config, "_attn_implementation_internal", attn_name)
+        _write_config(rec, model, family, method, specs)
+        handle = Patch(method=method, family=family.name, specs=specs, attn_implementation=attn_name, kernel=kernel, recorder=rec)
+        rec.setattr(model, ATTR, handle)
+        return handle
+    except BaseException:
+        rec.undo()
+        raise
