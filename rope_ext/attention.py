@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import sys
+
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -54,11 +56,11 @@ class Runtime:
         self.state = ForwardState(position_ids=position_ids)
 
 
-def _base_function(base: str) -> Callable:
+def _base_function(base: str, module: torch.nn.Module) -> Callable:
+    """The implementation the unpatched model would call; "eager" is each family's own function
+    (Gemma 2's applies the logit softcap), found in the attention module's modeling file."""
     if base == "eager":
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
-        return eager_attention_forward
+        return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
@@ -104,7 +106,7 @@ class AttentionContext:
 
     def base(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any = "model") -> torch.Tensor:
         """The model's own attention implementation (B, Lq, H, d); ``mask`` defaults to the model's."""
-        fn = _base_function(self.base_name)
+        fn = _base_function(self.base_name, self.module)
         mask = self.mask if isinstance(mask, str) else mask
         out, _ = fn(self.module, query, key, value, mask, dropout=self.dropout, scaling=self.scaling, **self.kwargs)
         return out
@@ -117,7 +119,7 @@ class AttentionContext:
             allowed = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()
             mask = torch.zeros(L, L, dtype=query.dtype, device=query.device).masked_fill(~allowed, torch.finfo(query.dtype).min)
         kwargs = {k: v for k, v in self.kwargs.items() if k != "sliding_window"}
-        out, _ = _base_function(self.base_name)(self.module, query, key, value, mask, dropout=self.dropout, scaling=self.scaling, **kwargs)
+        out, _ = _base_function(self.base_name, self.module)(self.module, query, key, value, mask, dropout=self.dropout, scaling=self.scaling, **kwargs)
         return out
 
     def two_part(self, q_near, k_near, q_far, k_far, value, window: int) -> torch.Tensor:
