@@ -145,14 +145,19 @@ class AttentionContext:
 
 
 def key_positions(q_pos: torch.Tensor, kv_length: int) -> torch.Tensor:
-    """Positions of the cached keys (B, Lk): the contiguous run ending at the last query's position.
+    """Positions of the keys (B, Lk): the new keys are the queries themselves; cached ones are the
+    contiguous run ending just before the first new query.
 
-    Holds for left and right padding, KV caches and sliding-window caches, since the last key is
-    always the last query; packed sequences (positions restarting inside a row) are not supported by
-    attention-level methods.
+    Exact for any positions without a cache (right padding included) and for left-padded or
+    unpadded decoding with KV and sliding-window caches. Not covered: packed sequences whose
+    positions restart inside a row while decoding with a cache.
     """
-    last = q_pos[:, -1:]
-    return torch.arange(kv_length, device=q_pos.device)[None, :] + (last - (kv_length - 1))
+    past = kv_length - q_pos.shape[1]
+    if past == 0:
+        return q_pos
+    first = q_pos[:, :1]
+    cached = torch.arange(past, device=q_pos.device)[None, :] + (first - past)
+    return torch.cat([cached, q_pos], dim=1)
 
 
 def _has_padding(ctx: AttentionContext) -> bool:

@@ -9,6 +9,7 @@ model only (``rope_ext.attention``). Every write goes through one Recorder kept 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -66,8 +67,9 @@ def build_method(method: str, params: dict[str, Any]) -> Method:
         raise
 
 
-def model_specs(model: nn.Module, family) -> dict[str | None, RopeSpec]:
-    """RopeSpec per rotary table of the model (one, or one per layer type)."""
+def model_specs(model: nn.Module, family, trained_length: int | None = None) -> dict[str | None, RopeSpec]:
+    """RopeSpec per rotary table of the model (one, or one per layer type); ``trained_length``
+    overrides what the config says."""
     config = model.config
     rotaries = family.rotary_modules(model)
     if not rotaries:
@@ -77,7 +79,7 @@ def model_specs(model: nn.Module, family) -> dict[str | None, RopeSpec]:
     specs = {}
     for layer_type in family.layer_types(rotary):
         params = family.rope_parameters(config, layer_type)
-        trained = params.get("original_max_position_embeddings") or getattr(config, "max_position_embeddings", None)
+        trained = trained_length or params.get("original_max_position_embeddings") or getattr(config, "max_position_embeddings", None)
         if not trained:
             raise ValueError(
                 "the model's trained length is unknown: config has neither max_position_embeddings nor "
@@ -140,6 +142,7 @@ def _write_frequencies(rec: Recorder, model: nn.Module, family, method: Method, 
 
 def _write_config(rec: Recorder, model: nn.Module, family, method: Method, specs) -> None:
     config = model.config
+    original = copy.deepcopy(config.rope_parameters)
     native = {lt: method.native_rope_parameters(spec) for lt, spec in specs.items()}
     if all(v is not None for v in native.values()):
         keep = ("partial_rotary_factor",)
@@ -149,7 +152,7 @@ def _write_config(rec: Recorder, model: nn.Module, family, method: Method, specs
         else:
             new = {lt: {**{k: config.rope_parameters[lt][k] for k in keep if k in config.rope_parameters[lt]}, **p} for lt, p in native.items()}
         rec.setattr(config, "rope_parameters", new)
-    block = {"method": method.name, "params": _jsonable(method.params()), "original_rope_parameters": config.rope_parameters}
+    block = {"method": method.name, "params": _jsonable(method.params()), "original_rope_parameters": original}
     rec.setattr(config, "rope_ext", block)
 
 
@@ -204,7 +207,7 @@ def _resolve(model: nn.Module, method: str, kernel: str, train_attention: Any, p
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     family = family_for(model)
     built = build_method(method, params)
-    specs = model_specs(model, family)
+    specs = model_specs(model, family, built.original_max_position_embeddings)
     main_spec = specs.get("full_attention") or next(iter(specs.values()))
     bound = built.bind(main_spec)
     specs = {lt: dataclasses.replace(s, trained_length=bound.trained_length) for lt, s in specs.items()}
