@@ -23,7 +23,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .methods.base import Method, RopeSpec, logn_scale
+from .methods.base import Method, RopeSpec
+from .methods.logn import logn_scale
 from .rotary import cos_sin, rotate
 
 PREFIX = "rope_ext_"

@@ -140,18 +140,28 @@ def _write_frequencies(rec: Recorder, model: nn.Module, family, method: Method, 
         rec.setattr(rotary, "rope_type", new_type)
 
 
+NOT_NATIVE = "{method} is not applied by a plain transformers load; load with rope_ext.load(path)"
+
+
 def _write_config(rec: Recorder, model: nn.Module, family, method: Method, specs) -> None:
+    """Record the method in the config so a saved checkpoint reproduces it: transformers' own
+    rope_parameters where it has the same formula, and always a ``rope_ext`` block. Otherwise the
+    rope_parameters get a ``rope_ext`` key, which makes a plain transformers load warn."""
     config = model.config
     original = copy.deepcopy(config.rope_parameters)
     native = {lt: method.native_rope_parameters(spec) for lt, spec in specs.items()}
-    if all(v is not None for v in native.values()):
-        keep = ("partial_rotary_factor",)
-        if list(native) == [None]:
-            old = config.rope_parameters
-            new = {**{k: old[k] for k in keep if k in old}, **native[None]}
-        else:
-            new = {lt: {**{k: config.rope_parameters[lt][k] for k in keep if k in config.rope_parameters[lt]}, **p} for lt, p in native.items()}
-        rec.setattr(config, "rope_parameters", new)
+    layered = list(native) != [None]
+    keep = ("partial_rotary_factor",)
+
+    def rewrite(old: dict, new: dict | None) -> dict:
+        if new is None:
+            return {**old, "rope_ext": NOT_NATIVE.format(method=method.name)}
+        return {**{k: old[k] for k in keep if k in old}, **new}
+
+    if layered:
+        rec.setattr(config, "rope_parameters", {lt: rewrite(config.rope_parameters[lt], p) for lt, p in native.items()})
+    else:
+        rec.setattr(config, "rope_parameters", rewrite(config.rope_parameters, native[None]))
     block = {"method": method.name, "params": _jsonable(method.params()), "original_rope_parameters": original}
     rec.setattr(config, "rope_ext", block)
 

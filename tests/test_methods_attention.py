@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from rope_ext.methods import REGISTRY
 from rope_ext.methods.alibi import alibi_bias, alibi_slopes
 from rope_ext.methods.base import rope_inv_freq
-from rope_ext.methods.rerope import leaky_rerope_relative, rerope_relative, self_extend_relative
+from rope_ext.methods.rerope import leaky_rerope_relative, rerope_relative
+from rope_ext.methods.self_extend import self_extend_relative
 from rope_ext.rotary import cos_sin, rotate
 from rope_ext.two_part import two_part_attention
 

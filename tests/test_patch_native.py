@@ -1,7 +1,6 @@
 """Methods transformers also has natively give its logits; saved patched models reload."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -57,6 +56,20 @@ def test_non_native_method_reloads_with_rope_ext_and_warns_on_save(tmp_path):
     handle = rope_ext.current(loaded)
     assert handle.name == "leaky_rerope" and handle.method.logn and handle.method.k == 4.0
     assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
+    import logging
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert any("rope_ext" in r.getMessage() for r in records), "a plain load must warn"
     plain = rope_ext.from_pretrained(tmp_path, apply_rope_ext=False)
     assert rope_ext.current(plain) is None and plain.config._attn_implementation == "sdpa"
 

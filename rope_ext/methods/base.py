@@ -47,16 +47,6 @@ def rope_inv_freq(base: float, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
 
 
-def logn_scale(positions: torch.Tensor, trained_length: int) -> torch.Tensor:
-    """Log-n attention scaling (Su 2023; Chiang & Cholak 2022): q_i *= max(1, log(i+1) / log(L_train)).
-
-    Keeps the entropy of attention roughly constant when the context grows past the trained length;
-    identity for positions inside it.
-    """
-    n = positions.to(torch.float32) + 1.0
-    return torch.clamp(torch.log(n) / math.log(trained_length), min=1.0)
-
-
 @dataclass(frozen=True, kw_only=True)
 class Method:
     """Base of every registered method. Subclasses are frozen dataclasses that validate in

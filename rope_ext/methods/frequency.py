@@ -197,6 +197,11 @@ class DynamicNTK(ScaledMethod):
         base = dynamic_ntk_base(spec.rope_theta, self.s, seq_len or self.trained_length, self.trained_length, spec.rotary_dim)
         return rope_inv_freq(base, spec.rotary_dim), 1.0
 
+    def native_rope_parameters(self, spec: RopeSpec) -> dict[str, Any]:
+        """transformers' "dynamic" (its L0 is max_position_embeddings, which rope_ext keeps as the
+        trained length); note transformers caches keys rotated with older bases, rope_ext.load does not."""
+        return {"rope_type": "dynamic", "rope_theta": spec.rope_theta, "factor": self.s}
+
 
 @register("ntk_by_parts")
 @dataclass(frozen=True, kw_only=True)

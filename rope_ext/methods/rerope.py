@@ -1,6 +1,6 @@
-"""Attention-level position maps: ReRoPE, Leaky ReRoPE (Su 2023) and Self-Extend (Jin et al. 2024).
+"""Attention-level position maps: ReRoPE and Leaky ReRoPE (Su 2023); Self-Extend builds on them.
 
-All three keep ordinary RoPE inside a window w and remap far relative positions. Written as the
+They keep ordinary RoPE inside a window w and remap far relative positions. Written as the
 positions each side is rotated to in the far part, so that q_far(i) - k_far(j) is the new relative
 position; the attention itself is ``rope_ext.two_part``.
 """
@@ -26,14 +26,6 @@ def rerope_relative(rel: torch.Tensor, w: int) -> torch.Tensor:
 def leaky_rerope_relative(rel: torch.Tensor, w: int, k: float) -> torch.Tensor:
     """Leaky ReRoPE (Su 2023): rel' = rel if rel < w else w + (rel - w) / k, with k > 1."""
     return torch.where(rel < w, rel.to(torch.float32), w + (rel - w) / k)
-
-
-def self_extend_relative(q: torch.Tensor, k: torch.Tensor, G: int, w: int) -> torch.Tensor:
-    """Self-Extend (Jin et al. 2024, "LLM Maybe LongLM", eq. 3): rel' = rel if rel < w else
-    floor(q/G) - floor(k/G) + w - floor(w/G)."""
-    rel = q - k
-    grouped = torch.div(q, G, rounding_mode="floor") - torch.div(k, G, rounding_mode="floor") + w - w // G
-    return torch.where(rel < w, rel, grouped)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,19 +85,3 @@ class LeakyReRoPE(WindowedMethod):
 
     def far_positions(self, q_pos, k_pos):
         return self.window + (q_pos - self.window) / self.k, k_pos / self.k
-
-
-@register("self_extend")
-@dataclass(frozen=True, kw_only=True)
-class SelfExtend(WindowedMethod):
-    summary: ClassVar[str] = "Self-Extend: neighbour window plus floor-grouped positions beyond it"
-    reference: ClassVar[str] = "Jin et al. 2024, LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning"
-    group_size: int
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_int(self, "group_size", minimum=1)
-
-    def far_positions(self, q_pos, k_pos):
-        G, w = self.group_size, self.window
-        return torch.div(q_pos, G, rounding_mode="floor") + w - w // G, torch.div(k_pos, G, rounding_mode="floor")
