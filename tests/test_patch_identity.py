@@ -15,7 +15,7 @@ IDENTITY = [
 EXTEND = [
     ("pi", {"factor": 4.0}), ("ntk", {"factor": 4.0}), ("yarn", {"factor": 4.0}), ("dynamic_ntk", {}),
     ("rerope", {"window": 8}), ("leaky_rerope", {"window": 8, "k": 4.0}), ("self_extend", {"window": 8, "group_size": 4}),
-    ("alibi", {}), ("none", {"logn": True}), ("llama3", {"factor": 4.0}), ("ntk_by_parts", {"factor": 4.0}), ("dynamic_yarn", {}),
+    ("alibi", {}), ("nope", {}), ("none", {"logn": True}), ("llama3", {"factor": 4.0}), ("ntk_by_parts", {"factor": 4.0}), ("dynamic_yarn", {}),
 ]
 
 

@@ -1,6 +1,7 @@
-"""ALiBi (Press et al. 2022, "Train Short, Test Long"): no rotation; a linear bias -m_h (i - j).
+"""Position encodings that replace RoPE: ALiBi (Press et al. 2022): no rotation, a linear bias
+-m_h (i - j); and NoPE (no position signal but the causal mask).
 
-It replaces RoPE, so it serves models trained with it (the eval lab trains them through this same
+Both replace RoPE, so they serve models trained with them (the eval lab trains them through this same
 patch); applied to a pretrained RoPE model it simply removes the positions it learned.
 """
 from __future__ import annotations
@@ -59,3 +60,16 @@ class ALiBi(Method):
         bias = alibi_bias(alibi_slopes(query.shape[1], self.max_bias), ctx.q_pos, ctx.k_pos)
         mask = bias.masked_fill(~ctx.allowed(), torch.finfo(query.dtype).min).to(query.dtype)
         return ctx.base(query, key, value, mask=mask)
+
+
+@register("nope")
+@dataclass(frozen=True, kw_only=True)
+class NoPE(Method):
+    summary: ClassVar[str] = "NoPE: no position encoding at all; causal masking alone (for models trained with it)"
+    reference: ClassVar[str] = "Kazemnejad et al. 2023, The Impact of Positional Encoding on Length Generalization in Transformers"
+    kind: ClassVar[str] = "attention"
+    rotation: ClassVar[str] = "none"
+    for_pretrained_rope: ClassVar[bool] = False
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
+        return ctx.base(query, key, value)
