@@ -13,10 +13,9 @@ so an attention-level method (ReRoPE, ALiBi, Self-Extend, later sinks or sparse 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import sys
 
 import torch
 from transformers import AttentionInterface
