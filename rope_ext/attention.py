@@ -24,9 +24,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .methods.base import Method, RopeSpec
 from .methods.logn import logn_scale
-from .rotary import cos_sin, rotate
+from .kernels.two_part_merged import two_part_attention_merged
+from .rotary import apply_rotary, cos_sin, rotate
+from .two_part import two_part_attention
 
 PREFIX = "rope_ext_"
+TWO_PART_IMPLS: dict[str, Callable] = {"merged": two_part_attention_merged, "reference": two_part_attention}
 
 
 @dataclass
@@ -45,12 +48,13 @@ class Runtime:
     specs: dict[str | None, RopeSpec]
     train_attention: Any = None
     rotary_kernel: str = "torch"
+    two_part_impl: str = "merged"
     state: ForwardState = field(default_factory=ForwardState)
 
     def two_part_fn(self) -> Callable:
-        from .two_part import two_part_attention
-
-        return two_part_attention
+        """Near/far attention: "merged" (two SDPA calls joined by log-sum-exp, no score matrix) or
+        "reference" (query-blocked score matrices); both give the same outputs."""
+        return TWO_PART_IMPLS[self.two_part_impl]
 
     def new_forward(self, position_ids: torch.Tensor) -> None:
         self.state = ForwardState(position_ids=position_ids)
@@ -102,6 +106,8 @@ class AttentionContext:
             inv_freq, scaling = self.frequencies()
             tables[key] = cos_sin(inv_freq.to(x.device), positions, scaling, x.dtype)
         cos, sin = tables[key]
+        if self.runtime.rotary_kernel == "triton":
+            return apply_rotary(x, None, cos, sin, kernel="triton")[0]
         return rotate(x, cos, sin)
 
     def base(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any = "model") -> torch.Tensor:
@@ -112,11 +118,16 @@ class AttentionContext:
         return out
 
     def causal(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """The base implementation with a plain causal mask over equal-length q and k (for S2-Attn)."""
+        """The base implementation with a plain causal mask over equal-length q and k (for S2-Attn),
+        keeping the layer's sliding window (Mistral, Gemma 2/3 local layers) when it is shorter."""
+        L = query.shape[2]
+        window = self.kwargs.get("sliding_window")
         mask = None
-        if self.base_name == "eager":
-            L = query.shape[2]
-            allowed = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()
+        if self.base_name == "eager" or (window is not None and window < L):
+            i = torch.arange(L, device=query.device)
+            allowed = i[None, :] <= i[:, None]
+            if window is not None:
+                allowed = allowed & (i[:, None] - i[None, :] < window)
             mask = torch.zeros(L, L, dtype=query.dtype, device=query.device).masked_fill(~allowed, torch.finfo(query.dtype).min)
         kwargs = {k: v for k, v in self.kwargs.items() if k != "sliding_window"}
         out, _ = _base_function(self.base_name, self.module)(self.module, query, key, value, mask, dropout=self.dropout, scaling=self.scaling, **kwargs)
@@ -161,10 +172,15 @@ def key_positions(q_pos: torch.Tensor, kv_length: int) -> torch.Tensor:
 
 
 def _has_padding(ctx: AttentionContext) -> bool:
-    """True when the model's mask hides more than the causal future (padding, packing)."""
+    """True when the model's mask hides more than the causal future and the layer's sliding window
+    (padding, packing)."""
     if ctx.mask is None:
         return False
-    causal = ctx.k_pos[:, None, None, :] <= ctx.q_pos[:, None, :, None]
+    rel = ctx.q_pos[:, None, :, None] - ctx.k_pos[:, None, None, :]
+    causal = rel >= 0
+    window = ctx.kwargs.get("sliding_window")
+    if window is not None:
+        causal = causal & (rel < window)
     allowed = ctx.allowed()
     return not torch.equal(*torch.broadcast_tensors(allowed, causal))
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         print(f"rope-ext {args.command}: error: {err}", file=sys.stderr)
         return 2
 

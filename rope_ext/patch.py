@@ -21,9 +21,9 @@ from . import attention
 from .methods import registry
 from .methods.base import Method, RopeSpec
 from .recorder import Recorder
+from .rotary import resolve_kernel
 
 ATTR = "rope_ext_patch"
-KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -176,14 +176,16 @@ def patch(model: nn.Module, method: str, *, replace: bool = False, kernel: str =
 
     ``params`` are the method's own (``factor`` / ``target_length``, ``window``, ``logn`` ...; see
     ``rope-ext methods``). ``replace=True`` swaps an active patch; ``kernel`` picks the rotary
-    implementation for the rotations rope_ext performs ("auto": Triton on CUDA, torch elsewhere);
+    implementation for the rotations rope_ext performs itself -- every method that rotates in the
+    attention function (dynamic, ReRoPE family, Self-Extend) -- ("auto": Triton on CUDA, torch
+    elsewhere); static frequency methods keep the model's own rotation;
     ``train_attention`` is an attention pattern used only in training mode (LongLoRA's S2-Attn).
     Everything is validated before the model is touched; on any error the model is unchanged.
     """
     old = current(model)
     if old is not None and not replace:
         raise ValueError(f"model is already patched with {old.describe()}; call rope_ext.unpatch(model) first or pass replace=True")
-    family, bound, specs = _resolve(model, method, kernel, train_attention, params)
+    family, bound, specs, kernel = _resolve(model, method, kernel, train_attention, params)
     if old is not None:
         unpatch(model)
     return _apply(model, family, bound, specs, kernel, train_attention)
@@ -213,8 +215,8 @@ def _resolve(model: nn.Module, method: str, kernel: str, train_attention: Any, p
 
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    device = next(model.parameters()).device
+    kernel = resolve_kernel(kernel, device)
     family = family_for(model)
     built = build_method(method, params)
     specs = model_specs(model, family, built.original_max_position_embeddings)
@@ -229,7 +231,7 @@ def _resolve(model: nn.Module, method: str, kernel: str, train_attention: Any, p
             raise ValueError(f"train_attention combines with frequency methods only, not {method}")
         if not callable(getattr(train_attention, "attend", None)):
             raise TypeError("train_attention must have an attend(query, key, value, causal) method")
-    return family, bound, specs
+    return family, bound, specs, kernel
 
 
 def _apply(model, family, method: Method, specs, kernel: str, train_attention: Any) -> Patch:

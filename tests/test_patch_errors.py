@@ -25,7 +25,7 @@ BAD = [
     (("yarn",), {"factor": 2.0, "beta_fast": 0.5}, ValueError, "beta_fast must be > 1"),
     (("pi",), {"factor": 2.0, "window": 3}, TypeError, "unknown parameter.*window; allowed: .*factor"),
     (("pi",), {"factor": 2.0, "logn": "yes"}, TypeError, "logn must be bool"),
-    (("pi",), {"factor": 2.0, "kernel": "cuda"}, ValueError, "kernel must be one of auto, torch, triton"),
+    (("pi",), {"factor": 2.0, "kernel": "cuda"}, ValueError, "kernel must be one of auto, triton, torch"),
     ((123,), {}, TypeError, "method must be a str"),
 ]
 

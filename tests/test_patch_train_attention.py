@@ -47,3 +47,15 @@ def test_pattern_refuses_padding_and_attention_methods():
         rope_ext.patch(make_tiny("llama"), "rerope", window=8, train_attention=FullCausal())
     with pytest.raises(TypeError, match="attend"):
         rope_ext.patch(make_tiny("llama"), "pi", factor=2.0, train_attention=object())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_pattern_keeps_the_sliding_window_of_mistral(attn):
+    ids = torch.randint(3, 97, (2, 40))
+    reference = make_tiny("mistral", attn=attn, sliding_window=8).train()
+    rope_ext.patch(reference, "pi", factor=2.0)
+    model = make_tiny("mistral", attn=attn, sliding_window=8).train()
+    rope_ext.patch(model, "pi", factor=2.0, train_attention=FullCausal())
+    FullCausal.calls = 0
+    loss = model(ids, labels=ids).loss
+    assert FullCausal.calls == 2 and torch.allclose(loss, reference(ids, labels=ids).loss, atol=1e-5)

@@ -1,0 +1,271 @@
+"""Rotary embedding speed: rope_ext's fused path against HF eager, torch.compile, Liger, flash-attn.
+
+Rotary is memory-bound; the floor is reading q, k, cos, sin once and writing q, k once, so each
+forward is scored as those bytes / time (GB/s) and as a share of the device's peak bandwidth
+(fwd+bwd: twice the bytes, the backward reading dq, dk and the tables and writing dq, dk).
+Ratios are against HF's eager ``apply_rotary_pos_emb`` (transformers' Llama) in the same run.
+Prefill: B=1, T tokens, 32 q / 8 kv heads, d=128, shared (1, T, d) tables as HF's rotary module
+makes them. Decode: T=1 per sequence at position 4095; every path gets the gathered (B, 1, d) rows
+as a model hands them over, except ``ours_triton_off`` and flash-attn, which take the 4096-row
+table and a per-sequence offset tensor (the gather fused into the kernel).
+Host overhead: wall time per call of back-to-back decode calls without synchronising, i.e. the
+Python + launch cost when the GPU is not the bottleneck. Liger and flash-attn are tried by import.
+
+    python benchmarks/rotary.py                                  # CPU: torch path vs HF eager
+    python benchmarks/rotary.py --device cuda --dtype bfloat16   # all paths, 4k-32k tokens
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from rope_ext.rotary import apply_rotary, cos_sin
+
+PEAK_TBPS = {"H100 SXM": 3.35, "H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200": 4.8, "GH200": 4.0,
+             "A100-SXM4-80GB": 2.04, "A100 80GB PCIe": 1.94, "A100-SXM4-40GB": 1.56, "A100-PCIE-40GB": 1.56, "L40S": 0.864,
+             "L4": 0.3, "A10G": 0.6, "RTX 4090": 1.01, "RTX 3090": 0.936}
+
+
+def peak_bandwidth(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    for key, tbps in PEAK_TBPS.items():
+        if key.lower() in name.lower():
+            return name, tbps * 1e12
+    if "H100" in name:
+        return name, 3.35e12
+    return name, None
+
+
+def timer(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds per call over ``repeats`` rounds of a few calls, after a warm-up."""
+    for _ in range(3):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        inner = 10
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / inner)
+        return statistics.median(times)
+    began, calls = time.perf_counter(), 0
+    while time.perf_counter() - began < 0.02:
+        fn()
+        calls += 1
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - began) / calls)
+    return statistics.median(times)
+
+
+def host_overhead(fn: Callable[[], object], device: torch.device, calls: int = 2000) -> float:
+    """Wall seconds per call of ``calls`` back-to-back calls (no sync between them)."""
+    for _ in range(20):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - began
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return elapsed / calls
+
+
+def implementations(device: torch.device) -> tuple[dict[str, Callable], list[str]]:
+    """name -> fn(q, k, cos, sin, inputs) for each available path; plus notes on the missing ones."""
+    impls: dict[str, Callable] = {"hf_eager": lambda c: apply_rotary_pos_emb(c["q"], c["k"], c["cos_rows"], c["sin_rows"])}
+    notes = []
+    try:
+        torch._dynamo.config.recompile_limit = 64  # one graph per shape and grad mode; eager past the limit
+        compiled = torch.compile(apply_rotary_pos_emb, dynamic=False)
+        impls["hf_compile"] = lambda c: compiled(c["q"], c["k"], c["cos_rows"], c["sin_rows"])
+    except Exception as err:  # noqa: BLE001 - report any reason compile is unavailable
+        notes.append(f"torch.compile unavailable: {err}")
+    impls["ours_torch"] = lambda c: apply_rotary(c["q"], c["k"], c["cos_rows"], c["sin_rows"], kernel="torch")
+    if device.type == "cuda":
+        impls["ours_triton"] = lambda c: apply_rotary(c["q"], c["k"], c["cos_rows"], c["sin_rows"], kernel="triton")
+        impls["ours_triton_off"] = lambda c: apply_rotary(c["q"], c["k"], c["cos"], c["sin"], kernel="triton", offsets=c["offsets"])
+    try:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        if device.type == "cuda":
+            impls["liger"] = lambda c: liger_rotary_pos_emb(c["q"], c["k"], c["cos_rows"], c["sin_rows"])
+    except ImportError:
+        notes.append("liger-kernel not installed")
+    try:
+        from flash_attn.layers.rotary import apply_rotary_emb
+
+        if device.type == "cuda":
+            impls["flash_attn"] = lambda c: (
+                apply_rotary_emb(c["q_bthd"], c["cos_half"], c["sin_half"], seqlen_offsets=c["offsets_fa"]),
+                apply_rotary_emb(c["k_bthd"], c["cos_half"], c["sin_half"], seqlen_offsets=c["offsets_fa"]),
+            )
+    except ImportError:
+        notes.append("flash-attn not installed")
+    return impls, notes
+
+
+def make_case(batch: int, seqlen: int, decode: bool, args: argparse.Namespace, device: torch.device, grad: bool) -> dict:
+    dtype = getattr(torch, args.dtype)
+    d, table_len = args.head_dim, (args.decode_position + 1 if decode else seqlen)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
+    cos, sin = cos_sin(inv_freq, torch.arange(table_len, device=device)[None], 1.0, dtype)
+    q = torch.randn(batch, seqlen, args.heads, d, device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(batch, seqlen, args.kv_heads, d, device=device, dtype=dtype).transpose(1, 2)
+    if grad:
+        q.requires_grad_(True)
+        k.requires_grad_(True)
+    offsets = torch.full((batch,), args.decode_position, device=device, dtype=torch.int32) if decode else None
+    rows = slice(args.decode_position, args.decode_position + 1) if decode else slice(None)
+    cos_rows, sin_rows = (t[:, rows].expand(batch, -1, -1).contiguous() for t in (cos, sin))
+    case = dict(q=q, k=k, cos=cos, sin=sin, offsets=offsets, cos_rows=cos_rows, sin_rows=sin_rows,
+                cos_half=cos[0, :, : d // 2].contiguous(), sin_half=sin[0, :, : d // 2].contiguous(),
+                offsets_fa=offsets if decode else 0,
+                q_bthd=q.detach().transpose(1, 2).requires_grad_(grad), k_bthd=k.detach().transpose(1, 2).requires_grad_(grad))
+    elt = torch.finfo(dtype).bits // 8
+    case["bytes"] = (2 * (q.numel() + k.numel()) + 2 * batch * seqlen * d) * elt
+    return case
+
+
+def fwd_bwd(fn: Callable, case: dict) -> Callable[[], None]:
+    grads = None
+
+    def step() -> None:
+        nonlocal grads
+        outs = fn(case)
+        if grads is None:
+            grads = [torch.randn_like(o) for o in outs]
+        torch.autograd.backward(outs, grads)
+        for key in ("q", "k", "q_bthd", "k_bthd"):
+            case[key].grad = None
+
+    return step
+
+
+def report(title: str, shapes: list[tuple[int, int, bool]], args, device, impls, peak: float | None) -> None:
+    print(f"\n== {title} ==")
+    print(f"{'shape':<18} {'mode':<8} {'path':<12} {'us/call':>10} {'GB/s':>8} {'% peak':>7} {'vs hf_eager':>12}")
+    for batch, seqlen, decode in shapes:
+        label = f"B={batch} T={seqlen}" + (" decode" if decode else "")
+        for mode in ("fwd", "fwd+bwd"):
+            grad = mode == "fwd+bwd"
+            base = None
+            for name, fn in impls.items():
+                if name.endswith("_off") and not decode:
+                    continue  # without offsets it is the row above
+                case = make_case(batch, seqlen, decode, args, device, grad)
+                try:
+                    if grad:
+                        seconds = timer(fwd_bwd(fn, case), device, args.repeats)
+                    else:
+                        with torch.no_grad():
+                            seconds = timer(lambda fn=fn, case=case: fn(case), device, args.repeats)
+                except Exception as err:  # noqa: BLE001 - one failing path must not hide the others
+                    print(f"{label:<18} {mode:<8} {name:<12} failed: {type(err).__name__}: {str(err)[:80]}")
+                    continue
+                base = seconds if name == "hf_eager" else base
+                gbps = case["bytes"] * (2 if grad else 1) / seconds / 1e9
+                share = f"{100 * gbps * 1e9 / peak:6.1f}%" if peak else f"{'-':>7}"
+                ratio = f"{base / seconds:11.2f}x" if base else f"{'-':>12}"
+                print(f"{label:<18} {mode:<8} {name:<12} {seconds * 1e6:10.1f} {gbps:8.1f} {share} {ratio}")
+
+
+def overheads(args, device, impls) -> None:
+    print("\n== host overhead per call (decode B=1 T=1, back-to-back, no sync) ==")
+    from rope_ext.kernels import rotary_apply
+
+    case = make_case(1, 1, True, args, device, grad=False)
+    fns = {name: (lambda fn=fn: fn(case)) for name, fn in impls.items() if name != "hf_compile"}
+    backend = "triton" if device.type == "cuda" else "torch"
+    raw = rotary_apply.backend(backend)
+    fns[f"{backend} backend, table+offset, no checks"] = lambda: raw(case["q"], case["k"], case["cos"], case["sin"], rotary_dim=args.head_dim,
+                                                       offsets=case["offsets"])
+    with torch.no_grad():
+        for name, fn in fns.items():
+            kernel = timer(fn, device, args.repeats) if device.type == "cuda" else None
+            extra = f"   (device time {kernel * 1e6:6.1f} us)" if kernel is not None else ""
+            print(f"{name:<40} {host_overhead(fn, device, args.calls) * 1e6:8.1f} us/call{extra}")
+        stubbed = triton_wrapper_cost(case, args)
+        if stubbed is not None:
+            print(f"{'ours_triton, launch stubbed':<40} {stubbed * 1e6:8.1f} us/call   (our Python path alone: checks, plan, args)")
+
+
+def triton_wrapper_cost(case: dict, args) -> float | None:
+    """Seconds per apply_rotary(kernel="triton") call with the kernel launch replaced by a no-op:
+    what rope_ext adds on top of Triton's own launcher (measurable without a GPU)."""
+    from unittest import mock
+
+    try:
+        from rope_ext.kernels import rotary_triton
+    except ImportError:
+        return None
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    env = {} if case["q"].is_cuda else {"TRITON_INTERPRET": "1"}
+    with mock.patch.object(rotary_triton, "_rotary_kernel", Stub()), mock.patch.dict(os.environ, env):
+        return host_overhead(lambda: apply_rotary(case["q"], case["k"], case["cos"], case["sin"], kernel="triton", offsets=case["offsets"]),
+                             torch.device("cpu"), args.calls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="prefill T; default 4k-32k on CUDA, 512-2048 on CPU")
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--decode-position", type=int, default=4095)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--calls", type=int, default=2000, help="calls for the host-overhead loop")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compile takes a while)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.lengths = args.lengths or ([4096, 8192, 16384, 32768] if cuda else [512, 1024, 2048])
+    args.repeats = args.repeats or (20 if cuda else 7)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name, peak = peak_bandwidth(device)
+    load = f", load average {os.getloadavg()[0]:.2f}" if not cuda else ""
+    print(f"rotary benchmark on {name}{load}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"q heads {args.heads}, kv heads {args.kv_heads}, d {args.head_dim}; "
+          f"peak bandwidth {'%.2f TB/s' % (peak / 1e12) if peak else 'unknown'}")
+    print("GB/s counts the ideal traffic (q, k, cos, sin read once; q, k written once); vs hf_eager = its time / this time")
+    impls, notes = implementations(device)
+    if args.no_compile:
+        impls.pop("hf_compile", None)
+        notes.append("torch.compile skipped (--no-compile)")
+    for note in notes:
+        print(f"note: {note}")
+    report("prefill", [(1, t, False) for t in args.lengths], args, device, impls, peak)
+    report("decode", [(b, 1, True) for b in args.decode_batches], args, device, impls, peak)
+    overheads(args, device, impls)
+
+
+if __name__ == "__main__":
+    main()

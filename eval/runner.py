@@ -1,0 +1,113 @@
+"""The grid loop shared by every evaluation: skip stored cells, compute the rest with a progress bar,
+store each as it finishes; plus CPU-thread choice, model identity and method application."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import rope_ext
+
+from .results import ResultStore
+from .spec import SLIDING
+
+
+def choose_threads(requested: int | None = None) -> int:
+    """``requested``, else 1 when the machine is already busy (1-minute load average > 1: with another
+    process on 2 cores, torch's default of one thread per core ran 4.5x slower than 1 thread), else
+    every core."""
+    if requested is not None:
+        if not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {requested!r}")
+        return requested
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 1
+    return 1 if busy else (os.cpu_count() or 1)
+
+
+def set_threads(requested: int | None = None) -> int:
+    threads = choose_threads(requested)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def model_identity(model: torch.nn.Module, name: str | None = None) -> dict[str, str]:
+    """{"name", "fingerprint"}: the fingerprint hashes every parameter's name, shape, dtype, first
+    and last values and sum, so a retrained checkpoint at the same path is a different model."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for pname, p in sorted(model.state_dict().items()):
+            flat = p.detach().reshape(-1)
+            h.update(f"{pname}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(flat[:256].float().numpy().tobytes() + flat[-256:].float().numpy().tobytes())
+            h.update(repr(float(flat.double().sum())).encode())
+    name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
+    return {"name": str(name), "fingerprint": h.hexdigest()[:16]}
+
+
+def loaded_method(model: torch.nn.Module) -> str | None:
+    """The method a model was loaded with (an ALiBi / NoPE lab model), or None for a plain model."""
+    handle = rope_ext.current(model)
+    return None if handle is None else handle.name
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, method: str, params: dict[str, Any]) -> Iterator[None]:
+    """The model with ``method`` on for the block. "none" (and "sliding_window") leave the model as
+    loaded: plain, or with the position encoding it was trained with (ALiBi / NoPE lab models)."""
+    native = loaded_method(model)
+    if method in ("none", SLIDING):
+        yield
+        return
+    if native is not None:
+        raise ValueError(f"this model was trained with {native}; only 'none' (the model as loaded) and "
+                         f"'{SLIDING}' apply to it, not {method!r}")
+    try:
+        rope_ext.patch(model, method, **params)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+    try:
+        yield
+    finally:
+        rope_ext.unpatch(model)
+
+
+def check_methods(model: torch.nn.Module, runs: list[tuple[str, dict[str, Any]]]) -> None:
+    """Patch and unpatch once per (method, params) so every bad parameter fails before any compute."""
+    for method, params in runs:
+        if method == SLIDING:
+            for name, value in params.items():
+                if name not in ("window", "stride") or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{SLIDING}: parameters are window and stride (integers >= 1), got {name}={value!r}")
+            continue
+        with applied(model, method, params):
+            pass
+
+
+@dataclass
+class Cell:
+    key: dict[str, Any]
+    label: str
+    compute: Callable[[], dict[str, Any]]
+
+
+def run_cells(cells: list[Cell], store: ResultStore, desc: str, progress: bool = True) -> list[dict[str, Any]]:
+    """Records of every cell, in order: stored ones as they are, the others computed now (each
+    appended to the store the moment it finishes)."""
+    todo = [c for c in cells if c.key not in store]
+    bar = tqdm(total=len(todo), desc=desc, dynamic_ncols=True, disable=not progress or not todo)
+    for cell in todo:
+        bar.set_postfix_str(cell.label)
+        start = time.perf_counter()
+        result = cell.compute()
+        store.append(cell.key, result, {"seconds": round(time.perf_counter() - start, 3),
+                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": torch.get_num_threads()})
+        bar.update(1)
+    bar.close()
+    return [store.get(c.key) for c in cells]

@@ -1,0 +1,133 @@
+"""Checked entry point and autograd Function over the two rotary backends ("torch", "triton").
+
+The gradient of a rotation by theta is the rotation of the gradient by -theta (R(theta)^T =
+R(-theta)), so the backward is the same kernel with ``conjugate=True``. cos/sin are treated as
+constants (no gradient), as in flash-attn and Liger. With ``inplace=True`` q and k are overwritten
+and returned (autograd knows: ``mark_dirty``). Without autograd in play (no_grad, or inputs that do
+not require grad) the backend is called directly, which keeps decoding's host overhead small.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from .rotary_torch import rotary_torch
+
+LAYOUTS = ("bhtd", "bthd")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BACKENDS: dict[str, Callable] = {"torch": rotary_torch}
+
+
+def backend(name: str) -> Callable:
+    """The rotary function of a backend; Triton's module is imported on first use."""
+    fn = _BACKENDS.get(name)
+    if fn is None:
+        if name != "triton":
+            raise ValueError(f"rotary backend must be 'torch' or 'triton', got {name!r}")
+        fn = _BACKENDS[name] = importlib.import_module(".rotary_triton", __package__).rotary_triton
+    return fn
+
+
+def _shape(x: torch.Tensor, name: str, seq_first: bool) -> tuple[int, int, int]:
+    if x.dim() != 4:
+        layout = "(B, T, H, d)" if seq_first else "(B, H, T, d)"
+        raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(x.shape)}")
+    b, a1, a2, d = x.shape
+    return (b, a1, d) if seq_first else (b, a2, d)
+
+
+def check_args(q, k, cos, sin, rotary_dim, offsets, cu_seqlens, layout) -> int:
+    """Validate everything before any write; returns the rotary dimension r."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    seq_first = layout == "bthd"
+    if q is None and k is None:
+        raise ValueError("q and k are both None: nothing to rotate")
+    shapes = [(_shape(x, n, seq_first), x) for n, x in (("q", q), ("k", k)) if x is not None]
+    (b, t, d), x0 = shapes[0]
+    if len(shapes) == 2:
+        (bk, tk, dk), k_ = shapes[1]
+        if (bk, tk, dk) != (b, t, d) or k_.dtype != x0.dtype or k_.device != x0.device:
+            raise ValueError(f"k {tuple(k_.shape)} {k_.dtype} must match q {tuple(x0.shape)} {x0.dtype} in batch, length, head dim, dtype and device")
+    if cos.shape != sin.shape or cos.dim() not in (2, 3) or (cos.dim() == 3 and cos.shape[0] not in (1, b)):
+        raise ValueError(f"cos/sin must both be (T, w), (1, T, w) or ({b}, T, w); got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.device != x0.device:
+        raise ValueError(f"cos/sin are on {cos.device}, q/k on {x0.device}")
+    w = cos.shape[-1]
+    r = w if rotary_dim is None else rotary_dim
+    if r not in (w, 2 * w) or r % 2 or not 0 < r <= d:
+        raise ValueError(f"rotary_dim={r} must be even, <= head dim {d}, and equal the tables' width {w} (HF) or twice it (flash-attn)")
+    if cu_seqlens is not None:
+        if b != 1 or (cos.dim() == 3 and cos.shape[0] != 1):
+            raise ValueError(f"cu_seqlens needs packed sequences in batch 1 and shared cos/sin; got batch {b}, cos {tuple(cos.shape)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor of N+1 sequence starts, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if isinstance(offsets, torch.Tensor):
+        n = b if cu_seqlens is None else cu_seqlens.numel() - 1
+        if offsets.shape != (n,) or offsets.dtype not in (torch.int32, torch.int64) or offsets.device != x0.device:
+            raise ValueError(f"offsets tensor must be int32/int64 of shape ({n},) on {x0.device}, got {offsets.dtype} {tuple(offsets.shape)} on {offsets.device}")
+    elif offsets is not None and not isinstance(offsets, int):
+        raise ValueError(f"offsets must be an int, a per-sequence int tensor or None, got {type(offsets).__name__}")
+    return r
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, fn, kw):
+        oq, ok = fn(q, k, cos, sin, **kw)
+        ctx.fn, ctx.kw = fn, kw
+        ctx.save_for_backward(cos, sin)
+        if kw["inplace"]:
+            ctx.mark_dirty(*(x for x in (q, k) if x is not None))
+        return oq, ok
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        kw = dict(ctx.kw, conjugate=not ctx.kw["conjugate"], inplace=False)
+        gq = None if gq is None else _last_contiguous(gq)
+        gk = None if gk is None else _last_contiguous(gk)
+        dq, dk = (None, None) if gq is None and gk is None else ctx.fn(gq, gk, cos, sin, **kw)
+        return dq, dk, None, None, None, None
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def rotary(
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    backend_name: str = "torch",
+    interleaved: bool = False,
+    offsets: int | torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    inplace: bool = False,
+    layout: str = "bhtd",
+    rotary_dim: int | None = None,
+    conjugate: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Rotate q and k with the chosen backend; see ``rope_ext.rotary.apply_rotary``."""
+    r = check_args(q, k, cos, sin, rotary_dim, offsets, cu_seqlens, layout)
+    fn = backend(backend_name)
+    if (q is not None and q.stride(-1) != 1) or (k is not None and k.stride(-1) != 1):
+        if inplace:
+            raise ValueError("inplace=True needs q and k with a contiguous last dim")
+        q = None if q is None else _last_contiguous(q)
+        k = None if k is None else _last_contiguous(k)
+    if backend_name == "triton":
+        if (q if q is not None else k).dtype not in TRITON_DTYPES:
+            raise ValueError(f"the Triton rotary takes {TRITON_DTYPES}, got {(q if q is not None else k).dtype}; use kernel='torch'")
+        stride = cos.stride()
+        if stride[-1] != 1 or stride != sin.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
+    kw = dict(rotary_dim=r, interleaved=interleaved, offsets=offsets, cu_seqlens=cu_seqlens, conjugate=conjugate,
+              inplace=inplace, seq_first=layout == "bthd")
+    if torch.is_grad_enabled() and ((q is not None and q.requires_grad) or (k is not None and k.requires_grad)):
+        return RotaryFunction.apply(q, k, cos, sin, fn, kw)
+    return fn(q, k, cos, sin, **kw)

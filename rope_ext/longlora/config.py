@@ -1,0 +1,256 @@
+"""The fine-tuning configuration: one frozen dataclass, filled from defaults < a YAML recipe < CLI flags.
+
+Defaults follow LongLoRA (Chen et al. 2023, arXiv 2309.12307, sec. 4.1): Position Interpolation,
+S2-Attn with groups of 1/4 of the length, LoRA rank 8 / alpha 16 on the attention projections plus
+trainable embeddings and norms ("LoRA+", sec. 3.3), AdamW at 2e-5 with 20 warm-up steps.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULERS = ("constant_with_warmup", "linear", "cosine", "constant")
+# fields that may differ between a run and its --resume; every other one must match
+RESUMABLE = ("resume", "stop_after", "save_every", "keep_checkpoints", "max_steps", "merge", "evaluate", "eval_corpus", "eval_docs")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything a LongLoRA fine-tune needs; every field is also a recipe key and a CLI flag."""
+
+    model: str
+    data: tuple[str, ...]
+    output_dir: str
+    target_length: int
+    # position method (a frequency method of the registry) and its extra parameters
+    method: str = "pi"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str = "sdpa"
+    model_dtype: str = "float32"
+    # S2-Attn (training only; full attention at inference)
+    s2_attn: bool = True
+    group_size_ratio: float = 0.25
+    shift: bool = True
+    wrap: bool = False
+    # what trains: LoRA on lora_targets ("auto": the linear layers of every attention module) plus
+    # every parameter whose name contains one of ``trainable``; lora=False trains everything
+    lora: bool = True
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("auto",)
+    trainable: tuple[str, ...] = ("embed", "norm")
+    # optimisation
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    lr_scheduler: str = "constant_with_warmup"
+    max_steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    mixed_precision: str = "auto"
+    seed: int = 42
+    # data: files, directories (files with data_extensions), .jsonl (one JSON object per line)
+    data_extensions: tuple[str, ...] = (".txt", ".md", ".rst", ".jsonl")
+    text_key: str = "text"
+    cache_dir: str | None = None
+    # checkpoints and the result
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after: int | None = None
+    merge: bool = True
+    # after merging: perplexity at the target length (rope_ext.eval.ppl) on eval_corpus's held-out split
+    evaluate: bool = False
+    eval_corpus: str = "stdlib"
+    eval_docs: int = 8
+
+    def __post_init__(self) -> None:
+        _check_str(self, "model", "output_dir", "method", "attn_implementation", "text_key", "eval_corpus")
+        if not self.data or not all(isinstance(p, str) and p for p in self.data):
+            raise ValueError(f"data must list at least one file or directory, got {list(self.data)!r}")
+        for name, minimum in (("target_length", 2), ("lora_rank", 1), ("warmup_steps", 0), ("max_steps", 1),
+                              ("batch_size", 1), ("grad_accum", 1), ("save_every", 1), ("keep_checkpoints", 1), ("seed", 0),
+                              ("eval_docs", 1)):
+            _check_int(name, getattr(self, name), minimum)
+        if self.stop_after is not None:
+            _check_int("stop_after", self.stop_after, 1)
+        for name in ("learning_rate", "lora_alpha", "max_grad_norm"):
+            _check_number(name, getattr(self, name), lambda v: v > 0, "> 0")
+        _check_number("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0")
+        _check_number("lora_dropout", self.lora_dropout, lambda v: 0 <= v < 1, "in [0, 1)")
+        _check_number("group_size_ratio", self.group_size_ratio, lambda v: 0 < v <= 1, "in (0, 1]")
+        for name, allowed in (("mixed_precision", MIXED_PRECISION), ("model_dtype", DTYPES), ("lr_scheduler", SCHEDULERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("s2_attn", "shift", "wrap", "lora", "gradient_checkpointing", "resume", "merge", "evaluate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.method_params, dict):
+            raise ValueError(f"method_params must be a mapping of parameter names to values, got {self.method_params!r}")
+        for name in ("lora_targets", "trainable", "data_extensions"):
+            if not all(isinstance(x, str) and x for x in getattr(self, name)):
+                raise ValueError(f"{name} must be a list of non-empty names, got {list(getattr(self, name))!r}")
+        if self.lora and not self.lora_targets:
+            raise ValueError("lora_targets is empty; name the modules LoRA adapts, or 'auto'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+
+
+def _check_str(config: FinetuneConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, ok, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{name} must be a number {what}, got {value!r}")
+
+
+HELP = {
+    "model": "checkpoint directory, .gguf file or alias (smollm2) to fine-tune",
+    "data": "text files, directories (files ending in data_extensions) or .jsonl files",
+    "output_dir": "where checkpoints, train_log.jsonl and the merged model (model/) go",
+    "target_length": "tokens per training sequence = the context to extend to (>= the trained length)",
+    "method": "frequency method of rope_ext (pi, ntk, yarn, llama3, ...)",
+    "attn_implementation": "the model's attention (sdpa, eager, flash_attention_2 ...)",
+    "model_dtype": "dtype of the loaded weights",
+    "s2_attn": "shifted sparse attention while training",
+    "group_size_ratio": "S2-Attn group size as a fraction of target_length",
+    "shift": "shift half of the heads by half a group",
+    "wrap": "the reference's roll: the first half-group of shifted heads attends to the last",
+    "lora": "LoRA (else: full fine-tuning)",
+    "lora_targets": "linear layers LoRA adapts ('auto': every attention projection)",
+    "trainable": "also train parameters whose names contain these (LongLoRA: embed norm)",
+    "lr_scheduler": ", ".join(SCHEDULERS),
+    "batch_size": "sequences per process per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "gradient_checkpointing": "recompute activations in the backward pass (saves memory)",
+    "mixed_precision": "auto (bf16 / fp16 on a GPU, none on CPU), no, bf16, fp16",
+    "text_key": "field holding the text in .jsonl files",
+    "cache_dir": "token cache (default: $ROPE_EXT_CACHE/tokens or ~/.cache/rope_ext/tokens)",
+    "save_every": "checkpoint interval in optimizer steps",
+    "keep_checkpoints": "checkpoints kept (older ones are deleted)",
+    "resume": "continue the run in output_dir from its last checkpoint",
+    "stop_after": "stop (with a checkpoint) after this many steps in this invocation; continue with --resume",
+    "merge": "merge LoRA into the weights and save output_dir/model at the end",
+    "evaluate": "perplexity of the merged model at target_length (rope_ext.eval)",
+    "eval_corpus": "held-out text for --evaluate: 'stdlib', a directory, .jsonl or text file",
+    "eval_docs": "windows evaluated by --evaluate",
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+REQUIRED = [n for n, f in FIELDS.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+HINTS = typing.get_type_hints(FinetuneConfig)
+
+
+def _is_sequence(name: str) -> bool:
+    return typing.get_origin(HINTS[name]) is tuple
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML recipe; unknown keys are an error that lists the allowed ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} not found")
+    with path.open() as fh:
+        recipe = yaml.safe_load(fh) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path} must be a mapping of keys to values, got {type(recipe).__name__}")
+    unknown = sorted(set(recipe) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown key(s) {', '.join(map(str, unknown))}; allowed keys: {', '.join(FIELDS)}")
+    return recipe
+
+
+def build_config(recipe: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
+    """FinetuneConfig from defaults, then ``recipe``, then ``overrides`` (CLI flags; None = not given)."""
+    values: dict[str, Any] = {}
+    for source in (recipe or {}, overrides or {}):
+        unknown = sorted(set(source) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+        values.update({k: v for k, v in source.items() if v is not None})
+    missing = [name for name in REQUIRED if name not in values]
+    if missing:
+        raise ValueError(f"missing required setting(s): {', '.join(missing)} (give them in the recipe or as --{missing[0].replace('_', '-')} ...)")
+    for name, value in list(values.items()):
+        if _is_sequence(name):
+            values[name] = tuple([value] if isinstance(value, str) else value)
+        elif _scalar_type(HINTS[name]) is float and isinstance(value, str):
+            values[name] = _float(name, value)  # YAML 1.1 reads 2e-5 (no dot) as a string
+    return FinetuneConfig(**values)
+
+
+def _float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--recipe`` plus one flag per config field (``--target-length``, ``--no-s2-attn`` ...)."""
+    parser.add_argument("--recipe", help="YAML recipe (see recipes/); flags override its values")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        hint = HINTS[name]
+        default = "" if f.default is dataclasses.MISSING else f" (default: {_show(f.default)})"
+        text = HELP.get(name, name.replace("_", " "))
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text}{default}")
+        elif name == "method_params":
+            parser.add_argument("--method-param", dest=name, action="append", metavar="KEY=VALUE",
+                                help="a parameter of the position method, e.g. beta_fast=32 (repeatable)")
+        elif _is_sequence(name):
+            parser.add_argument(flag, nargs="+", default=None, metavar=name.upper(), help=f"{text}{default}")
+        else:
+            parser.add_argument(flag, type=_scalar_type(hint), default=None, help=f"{text}{default}")
+
+
+def _show(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _scalar_type(hint: Any):
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    kind = args[0]
+    if kind is float:
+        return float
+    if kind is int:
+        return int
+    return str
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """FinetuneConfig from parsed flags (and the recipe they name)."""
+    recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
+    overrides = {name: getattr(args, name, None) for name in FIELDS}
+    if overrides["method_params"] is not None:
+        params = dict(recipe.get("method_params") or {})
+        for item in overrides["method_params"]:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--method-param takes KEY=VALUE, got {item!r}")
+            params[key] = yaml.safe_load(value)
+        overrides["method_params"] = params
+    return build_config(recipe, overrides)
