@@ -255,6 +255,18 @@ def _write_csv(records: list[dict[str, Any]], out_dir: Path) -> None:
                 writer.writerow({c: row.get(c) for c in cols})
 
 
+def _finish(fig, ax, path: Path) -> Path:
+    """Legend, grid, tight layout; save the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plot_ppl(label, trained, methods, lengths, cells, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -273,12 +285,7 @@ def _plot_ppl(label, trained, methods, lengths, cells, out_dir: Path) -> list[Pa
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("PPL past the trained length (whole window at <= trained)")
     ax.set_title(f"Perplexity vs length\n{label}", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    paths.append(out_dir / f"ppl_vs_length_{_slug(label)}.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, out_dir / f"ppl_vs_length_{_slug(label)}.png"))
     longest = max(L for (_, L) in cells)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
@@ -291,12 +298,7 @@ def _plot_ppl(label, trained, methods, lengths, cells, out_dir: Path) -> list[Pa
     ax.set_xlabel("position in the window (tokens)")
     ax.set_ylabel("PPL of the predictions in the bucket")
     ax.set_title(f"Perplexity by position at {longest} tokens\n{label}", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    paths.append(out_dir / f"ppl_by_position_{_slug(label)}_{longest}.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, out_dir / f"ppl_by_position_{_slug(label)}_{longest}.png"))
     return paths
 
 

@@ -92,3 +92,19 @@ def test_decode_shaped_two_part():
     qp, kp = torch.tensor([[29]]), torch.arange(30)[None]
     out = two_part_attention(qn, kn, qf, kf, v, qp, kp, 7, None, 0.5)
     assert torch.allclose(out, naive_two_part(qn, kn, qf, kf, v, qp, kp, 7, None, 0.5), atol=1e-5)
+
+
+def test_never_near_keys_counts_only_keys_outside_every_window():
+    from rope_ext.methods.rerope import never_near_keys
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        B, Lk, w = 2, int(torch.randint(2, 30, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g))
+        k_pos = torch.sort(torch.randint(0, 40, (B, Lk), generator=g), dim=1).values
+        Lq = int(torch.randint(1, Lk + 1, (1,), generator=g))
+        q_pos = k_pos[:, -Lq:]
+        start = never_near_keys(q_pos, k_pos, w)
+        rel = q_pos[:, :, None] - k_pos[:, None, :]
+        near_any = ((rel >= 0) & (rel < w)).any(dim=1)
+        assert not near_any[:, :start].any()
+        assert start == Lk or near_any[:, start].any() or (k_pos[:, start, None] > q_pos.min(1, keepdim=True).values - w).any()

@@ -49,17 +49,36 @@ class WindowedMethod(Method):
             )
         return bound
 
+    far_keys_unrotated: ClassVar[bool] = False
+
     def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query, key) positions of the far part, whose difference is the remapped distance."""
+        """(query, key) positions of the far part, whose difference is the remapped distance.
+        With ``far_keys_unrotated`` the key positions are all 0 (rotation by 0 is the identity)."""
         raise NotImplementedError
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
-        q_near, k_near = ctx.rotate(query, ctx.q_pos, "q"), ctx.rotate(key, ctx.k_pos, "k")
+        q_near = ctx.rotate(query, ctx.q_pos, "q")
         if int((ctx.q_pos[:, -1] - ctx.k_pos[:, 0]).max()) < self.window:
-            return ctx.base(q_near, k_near, value)
+            return ctx.base(q_near, ctx.rotate(key, ctx.k_pos, "k"), value)
+        start = never_near_keys(ctx.q_pos, ctx.k_pos, self.window)
+        if start == 0:
+            k_near = ctx.rotate(key, ctx.k_pos, "k")
+        else:
+            k_near = torch.cat([key[:, :, :start], ctx.rotate(key[:, :, start:], ctx.k_pos[:, start:], "k_near")], dim=2)
         fq, fk = self.far_positions(ctx.q_pos, ctx.k_pos)
-        q_far, k_far = ctx.rotate(query, fq, "q_far"), ctx.rotate(key, fk, "k_far")
+        q_far = ctx.rotate(query, fq, "q_far")
+        if self.far_keys_unrotated and ctx.frequencies()[1] == 1.0:
+            k_far = key
+        else:
+            k_far = ctx.rotate(key, fk, "k_far")
         return ctx.two_part(q_near, k_near, q_far, k_far, value, self.window)
+
+
+def never_near_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> int:
+    """How many leading keys lie outside the window of every query in every row (k_pos <= min_i
+    q_pos_i - w): their near-part rotation is never read, so decoding rotates only the window's keys."""
+    outside = k_pos <= q_pos.min(dim=1, keepdim=True).values - window
+    return int(outside.to(torch.int32).cumprod(dim=1).sum(dim=1).min())
 
 
 @register("rerope")
@@ -67,6 +86,7 @@ class WindowedMethod(Method):
 class ReRoPE(WindowedMethod):
     summary: ClassVar[str] = "ReRoPE: relative positions past the window are clipped to the window"
     reference: ClassVar[str] = "Su 2023, Rectified Rotary Position Embeddings (ReRoPE)"
+    far_keys_unrotated: ClassVar[bool] = True
 
     def far_positions(self, q_pos, k_pos):
         return torch.full_like(q_pos, self.window), torch.zeros_like(k_pos)
