@@ -17,6 +17,7 @@ Above ``certified_base`` every base is feasible (proved below, no scan needed), 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -225,15 +226,56 @@ def scan_bases(max_length: int, head_dim: int = 128, *, per_decade: int = 100, m
     return BaseScan(head_dim, max_length, bases, first_negative_distance(bases, head_dim, max_length, progress))
 
 
-def base_lower_bounds(lengths: list[int], head_dim: int = 128, **scan_kwargs) -> list[BaseBound]:
-    """``BaseBound`` for each context length, from one scan up to the largest."""
+def refine_bound(scan: BaseScan, length: int, points: int = 64, near: float = 0.75) -> BaseBound:
+    """``scan.bound(length)`` with the feasible islands the grid stepped over looked for.
+
+    Below the stable base the feasible bases can be islands narrower than a grid step (at L = 32k
+    and d = 128 about 0.15 % wide, e.g. Su's 6.3e5). A base whose first negative distance is already
+    past ``near * length`` sits close to one, so the grid intervals on both sides of every such base
+    are rescanned with ``points`` bases each (up to ``length`` only). A search, not a proof: an island
+    whose neighbours all fail early can still be missed; ``stable`` and ``certified_above`` are exact."""
+    coarse = scan.bound(length)
+    limit = scan.bases.size if coarse.stable is None else int(np.searchsorted(scan.bases, coarse.stable))
+    close = [i for i in range(limit) if near * length < scan.first_negative[i] <= length]
+    if not close:
+        return coarse
+    edges = sorted({j for i in close for j in (max(i - 1, 0), i, min(i + 1, scan.bases.size - 1))})
+    grid = np.unique(np.concatenate([np.geomspace(scan.bases[a], scan.bases[b], points + 2)[1:-1]
+                                     for a, b in zip(edges, edges[1:]) if b == a + 1]))
+    found = grid[first_negative_distance(grid, scan.head_dim, length) > length]
+    if not found.size:
+        return coarse
+    islands = sorted(coarse.feasible_islands + _runs(grid, found))
+    first = float(found[0]) if coarse.first_feasible is None else min(coarse.first_feasible, float(found[0]))
+    return dataclasses.replace(coarse, first_feasible=first, feasible_islands=islands)
+
+
+def _runs(grid: np.ndarray, found: np.ndarray) -> list[tuple[float, float]]:
+    """Maximal runs of consecutive grid bases that are in ``found``, as (first, last) pairs."""
+    inside = np.isin(grid, found)
+    runs, k = [], 0
+    while k < grid.size:
+        if inside[k]:
+            end = k
+            while end + 1 < grid.size and inside[end + 1]:
+                end += 1
+            runs.append((float(grid[k]), float(grid[end])))
+            k = end + 1
+        else:
+            k += 1
+    return runs
+
+
+def base_lower_bounds(lengths: list[int], head_dim: int = 128, refine: bool = True, **scan_kwargs) -> list[BaseBound]:
+    """``BaseBound`` for each context length, from one scan up to the largest; with ``refine`` the
+    narrow islands between grid points are looked for (``refine_bound``)."""
     if not lengths:
         raise ValueError("lengths must name at least one context length (tokens)")
     checked = [check_length(n) for n in lengths]
     scan = scan_bases(max(checked), head_dim, **scan_kwargs)
-    return [scan.bound(n) for n in checked]
+    return [refine_bound(scan, n) if refine else scan.bound(n) for n in checked]
 
 
-def base_lower_bound(length: int, head_dim: int = 128, **scan_kwargs) -> BaseBound:
+def base_lower_bound(length: int, head_dim: int = 128, refine: bool = True, **scan_kwargs) -> BaseBound:
     """The RoPE base lower bound for one context length (Men et al. 2024); see ``BaseBound``."""
-    return base_lower_bounds([length], head_dim, **scan_kwargs)[0]
+    return base_lower_bounds([length], head_dim, refine, **scan_kwargs)[0]

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("methods", "info", "calc", "pretrain", "eval", "report", "finetune")
+COMMANDS = ("methods", "info", "calc", "pretrain", "eval", "report", "finetune", "lm_eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
