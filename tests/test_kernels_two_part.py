@@ -58,6 +58,16 @@ def test_decode_and_chunked_prefill_with_cache(Lq, window):
     torch.testing.assert_close(got, ref, **F32)
 
 
+@pytest.mark.parametrize("heads", [(6, 1), (6, 3), (4, 4)], ids=["MQA", "GQA3", "MHA"])
+@pytest.mark.parametrize("window", [1, 29, 30])
+def test_one_query_decode_folds_grouped_heads(heads, window):
+    """The decode step lays a KV head's query heads out as its query rows; same result."""
+    H, Hkv = heads
+    tensors = inputs(3, H, Hkv, 1, 30, 8, seed=window)
+    got, ref = both(tensors, *aligned_positions(3, 1, 30, start=2), window)
+    torch.testing.assert_close(got, ref, **F32)
+
+
 def hf_left_padding(B, L, pads):
     """HF generate's positions for left padding (pads get position 1) and the bool mask
     (B, 1, L, L): causal, pad keys hidden."""

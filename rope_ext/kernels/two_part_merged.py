@@ -136,9 +136,11 @@ def two_part_attention_merged(
     B, H, Lq, _ = q_near.shape
     Hkv, Lk = k_near.shape[1], k_near.shape[2]
     group = H // Hkv
-    kn, kf, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k_near, k_far, value))
     offset = Lk - Lq
     aligned = _aligned(q_pos, k_pos, offset)
+    if Lq == 1 and aligned and allowed is None:
+        return _decode_step(q_near, k_near, q_far, k_far, value, window, scaling)
+    kn, kf, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k_near, k_far, value))
     out = torch.empty(B, H, Lq, v.shape[-1], dtype=v.dtype, device=v.device)
     lse_far = torch.full((B, H, Lq), float("-inf"), device=v.device)
     far_done = aligned and allowed is None
@@ -176,6 +178,20 @@ def two_part_attention_merged(
                 o_f, l_f = o_n.new_zeros(()).expand_as(o_n), torch.full_like(l_n, float("-inf"))
         merge(o_n, l_n, o_f, l_f, out=out[:, :, start:end])
     return out.transpose(1, 2).contiguous()
+
+
+def _decode_step(q_near, k_near, q_far, k_far, value, window: int, scaling: float) -> torch.Tensor:
+    """One new query per row, positions following the key index: its near keys are the last
+    ``window`` keys, its far keys all before them. The query heads sharing a KV head are laid out
+    as that head's query rows (B, Hkv, group, d), so grouped KV heads are never repeated."""
+    B, H, _, d = q_near.shape
+    Hkv, Lk = k_near.shape[1], k_near.shape[2]
+    n_far = max(0, Lk - window)
+    qn, qf = q_near.reshape(B, Hkv, H // Hkv, d), q_far.reshape(B, Hkv, H // Hkv, d)
+    o_n, l_n = sdpa_lse(qn, k_near[:, :, n_far:], value[:, :, n_far:], None, False, scaling)
+    o_f, l_f = sdpa_lse(qf, k_far[:, :, :n_far], value[:, :, :n_far], None, False, scaling)
+    out = merge(o_n, l_n, o_f, l_f).to(value.dtype)
+    return out.reshape(B, H, 1, -1).transpose(1, 2).contiguous()
 
 
 def _leak_free_lows(q_pos, k_pos, allowed, window, offset, block_size, lows) -> list[int]:
