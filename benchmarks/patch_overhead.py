@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -126,7 +127,8 @@ def report(title: str, configs, times: dict[str, list[float]], unit: str, decode
 
 
 def profile(model, configs, label: str, ids: torch.Tensor, tokens: torch.Tensor, rows: int) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     found = [c for c in configs if c[0] == label]
     if not found:

@@ -4,8 +4,8 @@ module here (see ``gemma3.py``, ``falcon.py``). Nothing here knows any formula.
 """
 from __future__ import annotations
 
-from .family import Family, family_for, supported_model_types
 from . import falcon, gemma3
+from .family import Family, family_for, supported_model_types
 
 FAMILIES: dict[str, Family] = {}
 

@@ -8,9 +8,9 @@ from ._compat import check_transformers
 
 check_transformers()
 
-from . import methods  # noqa: E402
-from .models import from_pretrained, load, save_pretrained  # noqa: E402
-from .patch import Patch, current, patch, patched, unpatch  # noqa: E402
+from . import methods
+from .models import from_pretrained, load, save_pretrained
+from .patch import Patch, current, patch, patched, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "patched", "current", "Patch", "load", "from_pretrained", "save_pretrained", "methods"]
+__all__ = ["Patch", "current", "from_pretrained", "load", "methods", "patch", "patched", "save_pretrained", "unpatch"]

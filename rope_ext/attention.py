@@ -14,17 +14,18 @@ so an attention-level method (ReRoPE, ALiBi, Self-Extend, later sinks or sparse 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .kernels.two_part_merged import two_part_attention_merged
 from .methods.base import Method, RopeSpec
 from .methods.logn import logn_scale
-from .kernels.two_part_merged import two_part_attention_merged
 from .rotary import apply_rotary, cos_sin, rotate
 from .two_part import two_part_attention
 

@@ -15,22 +15,79 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .calc_bound import (PUBLISHED_BOUNDS_D128, SU_BOUNDS_D128, BaseBound, BaseScan, base_lower_bound, base_lower_bounds,
-                         certified_base, check_head_dim, check_length, scan_bases, similarity_margin)
-from .calc_budget import (AttentionShape, attention_flops, attention_shape, budget, bytes_per_element, decode_attention_flops,
-                          kv_cache_bytes, kv_cache_bytes_decompressed, projection_flops)
-from .calc_limits import (base_for_extrapolation, critical_dimension, extrapolation_limit, ntk_base_for_factor,
-                          yarn_correction_dims)
-from .calc_recommend import RECOMMENDED_METHODS, Recommendation, config_rope_spec, model_rope_spec, recommend
+from .calc_bound import (
+    PUBLISHED_BOUNDS_D128,
+    SU_BOUNDS_D128,
+    BaseBound,
+    BaseScan,
+    base_lower_bound,
+    base_lower_bounds,
+    certified_base,
+    check_head_dim,
+    check_length,
+    scan_bases,
+    similarity_margin,
+)
+from .calc_budget import (
+    AttentionShape,
+    attention_flops,
+    attention_shape,
+    budget,
+    bytes_per_element,
+    decode_attention_flops,
+    kv_cache_bytes,
+    kv_cache_bytes_decompressed,
+    projection_flops,
+)
+from .calc_limits import (
+    base_for_extrapolation,
+    critical_dimension,
+    extrapolation_limit,
+    ntk_base_for_factor,
+    yarn_correction_dims,
+)
+from .calc_recommend import (
+    RECOMMENDED_METHODS,
+    Recommendation,
+    config_rope_spec,
+    model_rope_spec,
+    recommend,
+)
 from .methods.base import RopeSpec
 
 __all__ = [
-    "PUBLISHED_BOUNDS_D128", "SU_BOUNDS_D128", "BaseBound", "BaseScan", "base_lower_bound", "base_lower_bounds",
-    "certified_base", "check_head_dim", "check_length", "scan_bases", "similarity_margin",
-    "AttentionShape", "attention_flops", "attention_shape", "budget", "bytes_per_element", "decode_attention_flops",
-    "kv_cache_bytes", "kv_cache_bytes_decompressed", "projection_flops",
-    "base_for_extrapolation", "critical_dimension", "extrapolation_limit", "ntk_base_for_factor", "yarn_correction_dims",
-    "RECOMMENDED_METHODS", "Recommendation", "config_rope_spec", "model_rope_spec", "recommend", "analyze_model", "rope_spec_of",
+    "PUBLISHED_BOUNDS_D128",
+    "RECOMMENDED_METHODS",
+    "SU_BOUNDS_D128",
+    "AttentionShape",
+    "BaseBound",
+    "BaseScan",
+    "Recommendation",
+    "analyze_model",
+    "attention_flops",
+    "attention_shape",
+    "base_for_extrapolation",
+    "base_lower_bound",
+    "base_lower_bounds",
+    "budget",
+    "bytes_per_element",
+    "certified_base",
+    "check_head_dim",
+    "check_length",
+    "config_rope_spec",
+    "critical_dimension",
+    "decode_attention_flops",
+    "extrapolation_limit",
+    "kv_cache_bytes",
+    "kv_cache_bytes_decompressed",
+    "model_rope_spec",
+    "ntk_base_for_factor",
+    "projection_flops",
+    "recommend",
+    "rope_spec_of",
+    "scan_bases",
+    "similarity_margin",
+    "yarn_correction_dims",
 ]
 
 

@@ -8,7 +8,6 @@ The model's facts (rotary dim, base, trained length) are read as ``rope_ext.patc
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,13 @@ from typing import Any
 import torch
 
 from .calc_bound import check_base, check_head_dim, check_length
-from .calc_limits import base_for_extrapolation, critical_dimension, extrapolation_limit, ntk_base_for_factor, yarn_correction_dims
+from .calc_limits import (
+    base_for_extrapolation,
+    critical_dimension,
+    extrapolation_limit,
+    ntk_base_for_factor,
+    yarn_correction_dims,
+)
 from .methods.base import RopeSpec
 from .methods.frequency import yarn_mscale
 from .methods.rerope import leaky_rerope_relative
@@ -129,23 +134,14 @@ def recommend(target_length: int, rotary_dim: int, rope_theta: float, trained_le
 
 def model_rope_spec(config: Any) -> tuple[str, RopeSpec]:
     """(family name, RopeSpec of the main rotary table) of the unpatched model a transformers config
-    describes, read by ``rope_ext.patch.model_specs`` on the module tree built on the meta device (no
-    weights). A saved patched config is read from its ``rope_ext`` block's original rope parameters
-    and trained length, as ``rope_ext.load`` does. Unsupported families raise ValueError."""
-    from transformers import AutoModelForCausalLM
+    describes, as ``rope_ext.patch`` reads it (``rope_ext.models.rope_facts``: the module tree on the
+    meta device, no weights; a saved patched config read from its ``rope_ext`` block). Unsupported
+    families raise ValueError."""
+    from rope_ext.models import rope_facts
 
-    from rope_ext.patch import model_specs
-    from rope_ext.patches import family_for
-
-    block = getattr(config, "rope_ext", None) or {}
-    base_config = copy.deepcopy(config)
-    if block.get("original_rope_parameters") is not None:
-        base_config.rope_parameters = copy.deepcopy(block["original_rope_parameters"])
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base_config)
-    family = family_for(model)
-    specs = model_specs(model, family, block.get("params", {}).get("original_max_position_embeddings"))
-    return family.name, specs.get("full_attention") or next(iter(specs.values()))
+    facts = rope_facts(config)
+    specs = facts["specs"]
+    return facts["family"].name, specs.get("full_attention") or next(iter(specs.values()))
 
 
 def config_rope_spec(config: Any) -> RopeSpec:

@@ -9,12 +9,12 @@ import pytest
 import torch
 import transformers
 from conftest import make_tiny
+from rope_ext.patches import family_for
 
 import rope_ext
 from rope_ext.cli import main
 from rope_ext.methods import REGISTRY
 from rope_ext.patch import model_specs
-from rope_ext.patches import family_for
 
 SAMPLE_PARAMS = {"factor": 2.0, "window": 8, "k": 2.0, "group_size": 2}
 

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 from rope_ext.methods import REGISTRY
 from rope_ext.methods.base import RopeSpec, rope_inv_freq
 from rope_ext.methods.frequency import (
-    llama3_inv_freq, ntk_base, ntk_by_parts_inv_freq, yarn_correction_range, yarn_inv_freq, yarn_mscale, yarn_ramp,
+    llama3_inv_freq,
+    ntk_base,
+    ntk_by_parts_inv_freq,
+    yarn_correction_range,
+    yarn_inv_freq,
+    yarn_mscale,
+    yarn_ramp,
 )
 from rope_ext.rotary import cos_sin
 

@@ -1,7 +1,6 @@
 """Methods transformers also has natively give its logits; saved patched models reload."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import make_tiny

@@ -12,6 +12,7 @@ import copy
 import json
 from typing import Any
 
+from rope_ext.models import rope_facts
 
 
 def add_parser(subparsers) -> None:
@@ -20,34 +21,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("model", metavar="MODEL", help="local checkpoint directory, .gguf file, or alias (smollm2)")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     parser.set_defaults(func=run)
-
-
-def meta_model(config: Any):
-    """The model's module tree on the meta device (no weight memory); transformers picks the
-    attention implementation the config asks for, or its default for the architecture."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def rope_facts(config: Any) -> dict[str, Any]:
-    """Family, per-table RopeSpec and attention implementation of the (unpatched) model a config
-    describes. A saved patched config is read as ``rope_ext.load`` reads it: its specs come from the
-    ``original_rope_parameters`` and trained length kept in the ``rope_ext`` block."""
-    from rope_ext.patch import model_specs
-    from rope_ext.patches import family_for
-
-    block = getattr(config, "rope_ext", None) or {}
-    base_config = copy.deepcopy(config)
-    if block.get("original_rope_parameters") is not None:
-        base_config.rope_parameters = copy.deepcopy(block["original_rope_parameters"])
-    model = meta_model(base_config)
-    family = family_for(model)
-    trained = block.get("params", {}).get("original_max_position_embeddings")
-    specs = model_specs(model, family, trained)
-    return {"family": family, "specs": specs, "attn_implementation": model.config._attn_implementation}
 
 
 def applicability(cls: type, family: Any) -> tuple[bool, str]:

@@ -18,8 +18,8 @@ When G >= L there is one group and nothing to connect: S2-Attn is full causal at
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

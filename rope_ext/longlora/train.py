@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import FinetuneConfig, add_arguments, config_from_args
-from .data import PackedSequences, SampleOrder, batch_numbers, collect_files, load_tokens
+from .data import (
+    PackedSequences,
+    SampleOrder,
+    batch_numbers,
+    collect_files,
+    load_tokens,
+)
 from .model import load_base, merge_and_save, prepare
 
 LOG = "train_log.jsonl"

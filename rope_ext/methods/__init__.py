@@ -3,4 +3,4 @@ from . import alibi, frequency, rerope, self_extend  # noqa: F401  (registration
 from .base import Method, RopeSpec
 from .registry import REGISTRY, get, names, register
 
-__all__ = ["Method", "RopeSpec", "REGISTRY", "get", "names", "register"]
+__all__ = ["REGISTRY", "Method", "RopeSpec", "get", "names", "register"]

@@ -56,7 +56,7 @@ class ALiBi(Method):
         super().__post_init__()
         check_number(self, "max_bias", above=0.0)
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         bias = alibi_bias(alibi_slopes(query.shape[1], self.max_bias), ctx.q_pos, ctx.k_pos)
         mask = bias.masked_fill(~ctx.allowed(), torch.finfo(query.dtype).min).to(query.dtype)
         return ctx.base(query, key, value, mask=mask)
@@ -71,5 +71,5 @@ class NoPE(Method):
     rotation: ClassVar[str] = "none"
     for_pretrained_rope: ClassVar[bool] = False
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         return ctx.base(query, key, value)

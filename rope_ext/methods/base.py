@@ -67,7 +67,7 @@ class Method:
         if self.original_max_position_embeddings is not None:
             check_int(self, "original_max_position_embeddings", minimum=1)
 
-    def bind(self, spec: RopeSpec) -> "Method":
+    def bind(self, spec: RopeSpec) -> Method:
         """A copy with every value that depends on the model filled in and checked against it
         (trained length, factor from a target length, window below the trained length ...)."""
         trained = self.original_max_position_embeddings or spec.trained_length
@@ -83,7 +83,7 @@ class Method:
         """(theta_i, attention_scaling) for this method; plain RoPE by default."""
         return rope_inv_freq(spec.rope_theta, spec.rotary_dim), 1.0
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Attention output (B, Lq, H, d). Default: rotate if deferred, then the model's own attention."""
         if self.rotation == "deferred":
             query, key = ctx.rotate(query, ctx.q_pos, "q"), ctx.rotate(key, ctx.k_pos, "k")

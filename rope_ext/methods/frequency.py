@@ -119,7 +119,7 @@ class ScaledMethod(Method):
         if self.target_length is not None:
             check_int(self, "target_length", minimum=1)
 
-    def bind(self, spec: RopeSpec) -> "ScaledMethod":
+    def bind(self, spec: RopeSpec) -> ScaledMethod:
         bound = super().bind(spec)
         factor, target = self.factor, self.target_length
         if factor is None and target is None:
@@ -169,7 +169,7 @@ class NTKAware(ScaledMethod):
             if self.factor is not None or self.target_length is not None:
                 raise ValueError("ntk: give either base or factor/target_length, not both")
 
-    def bind(self, spec: RopeSpec) -> "NTKAware":
+    def bind(self, spec: RopeSpec) -> NTKAware:
         if self.base is not None:
             return Method.bind(self, spec)
         return super().bind(spec)

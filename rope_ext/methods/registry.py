@@ -1,12 +1,13 @@
 """The one registry of length-extrapolation methods: ``@register("name")`` on a Method dataclass."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from .base import Method
 
-REGISTRY: dict[str, type["Method"]] = {}
+REGISTRY: dict[str, type[Method]] = {}
 M = TypeVar("M", bound=type)
 
 
@@ -23,7 +24,7 @@ def register(name: str) -> Callable[[M], M]:
     return wrap
 
 
-def get(name: str) -> type["Method"]:
+def get(name: str) -> type[Method]:
     """The Method class registered as ``name``; a clear error lists what exists."""
     if not isinstance(name, str):
         raise TypeError(f"method must be a str naming a registered method, got {type(name).__name__}: {name!r}")

@@ -40,7 +40,7 @@ class WindowedMethod(Method):
         super().__post_init__()
         check_int(self, "window", minimum=1)
 
-    def bind(self, spec: RopeSpec) -> "WindowedMethod":
+    def bind(self, spec: RopeSpec) -> WindowedMethod:
         bound = super().bind(spec)
         if self.window >= bound.trained_length:
             raise ValueError(
@@ -56,7 +56,7 @@ class WindowedMethod(Method):
         With ``far_keys_unrotated`` the key positions are all 0 (rotation by 0 is the identity)."""
         raise NotImplementedError
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: "AttentionContext") -> torch.Tensor:
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         q_near = ctx.rotate(query, ctx.q_pos, "q")
         if int((ctx.q_pos[:, -1] - ctx.k_pos[:, 0]).max()) < self.window:
             return ctx.base(q_near, ctx.rotate(key, ctx.k_pos, "k"), value)
