@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, fused_rotary
 from .methods import registry
 from .methods.base import Method, RopeSpec
 from .recorder import Recorder
@@ -177,9 +177,9 @@ def patch(model: nn.Module, method: str, *, replace: bool = False, kernel: str =
 
     ``params`` are the method's own (``factor`` / ``target_length``, ``window``, ``logn`` ...; see
     ``rope-ext methods``). ``replace=True`` swaps an active patch; ``kernel`` picks the rotary
-    implementation for the rotations rope_ext performs itself -- every method that rotates in the
-    attention function (dynamic, ReRoPE family, Self-Extend) -- ("auto": Triton on CUDA, torch
-    elsewhere); static frequency methods keep the model's own rotation;
+    implementation ("auto": Triton on CUDA, torch elsewhere): with Triton, methods that rotate in
+    rope_ext's attention function use the fused kernel there, and static frequency methods route the
+    model's own ``apply_rotary_pos_emb`` through it (``rope_ext.fused_rotary``);
     ``train_attention`` is an attention pattern used only in training mode (LongLoRA's S2-Attn).
     Everything is validated before the model is touched; on any error the model is unchanged.
     """
@@ -256,6 +256,8 @@ def _apply(model, family, method: Method, specs, kernel: str, train_attention: A
                 rec.setattr(module, "rope_ext_layer_type", family.layer_type_of(module))
             for config in _model_configs(model):
                 rec.setattr(config, "_attn_implementation_internal", attn_name)
+        if method.rotation == "static" and kernel == "triton":
+            fused_rotary.install(rec, family, model, kernel)
         _write_config(rec, model, family, method, specs)
         handle = Patch(method=method, family=family.name, specs=specs, attn_implementation=attn_name, kernel=kernel, recorder=rec)
         rec.setattr(model, ATTR, handle)

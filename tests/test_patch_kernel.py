@@ -50,20 +50,38 @@ def test_triton_kernel_off_cuda_is_refused_and_model_untouched(monkeypatch):
 
 
 FRESH = textwrap.dedent("""
-    import os, torch
+    import os, sys, torch
     os.environ["TRITON_INTERPRET"] = "1"
-    import rope_ext
+    import rope_ext, rope_ext.rotary as rotary
     from tests.conftest import make_tiny
+    fused_calls = []
+    plain_apply = rotary.apply_rotary
+    def counting(*args, **kwargs):
+        fused_calls.append(kwargs.get("kernel"))
+        return plain_apply(*args, **kwargs)
+    rotary.apply_rotary = counting
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
-    for method, params in [("rerope", {"window": 8}), ("dynamic_ntk", {"factor": 4.0})]:
-        model = make_tiny("llama", attn="sdpa", max_position_embeddings=16)
+    cases = [("llama", "rerope", {"window": 8}), ("llama", "dynamic_ntk", {"factor": 4.0}),
+             ("llama", "yarn", {"factor": 2.0}), ("gpt_neox", "pi", {"factor": 2.0}), ("phi3", "ntk", {"factor": 2.0})]
+    for family, method, params in cases:
+        model = make_tiny(family, attn="sdpa", max_position_embeddings=16)
+        modeling = sys.modules[type(model).__module__]
+        original = modeling.apply_rotary_pos_emb
+        other = make_tiny(family, attn="sdpa", max_position_embeddings=16, seed=1)
+        with torch.no_grad():
+            other_before = other(ids).logits
         out = {}
         for kernel in ("torch", "triton"):
+            fused_calls.clear()
             with rope_ext.patched(model, method, kernel=kernel, **params) as handle, torch.no_grad():
                 assert handle.kernel == kernel
                 out[kernel] = model(ids).logits
+                assert torch.equal(other(ids).logits, other_before), "an unpatched model changed"
+            static = handle.method.rotation == "static"
+            assert fused_calls == (["triton"] * model.config.num_hidden_layers if static and kernel == "triton" else []), fused_calls
+            assert modeling.apply_rotary_pos_emb is original
         torch.testing.assert_close(out["triton"], out["torch"], atol=1e-5, rtol=1e-5)
-        print(method, "max diff", (out["triton"] - out["torch"]).abs().max().item())
+        print(family, method, "max diff", (out["triton"] - out["torch"]).abs().max().item())
 """)
 
 
@@ -73,4 +91,5 @@ def test_triton_kernel_in_a_patched_model_equals_torch_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
     run = subprocess.run([sys.executable, "-c", FRESH], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "rerope max diff" in run.stdout and "dynamic_ntk max diff" in run.stdout
+    for case in ("llama rerope", "llama dynamic_ntk", "llama yarn", "gpt_neox pi", "phi3 ntk"):
+        assert f"{case} max diff" in run.stdout
