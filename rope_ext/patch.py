@@ -258,6 +258,8 @@ def _apply(model, family, method: Method, specs, kernel: str, train_attention: A
                 rec.setattr(config, "_attn_implementation_internal", attn_name)
         if method.rotation == "static" and kernel == "triton":
             fused_rotary.install(rec, family, model, kernel)
+        elif method.rotation != "static":
+            fused_rotary.install(rec, family, model, fused_rotary.IDENTITY)
         _write_config(rec, model, family, method, specs)
         handle = Patch(method=method, family=family.name, specs=specs, attn_implementation=attn_name, kernel=kernel, recorder=rec)
         rec.setattr(model, ATTR, handle)

@@ -93,3 +93,28 @@ def test_triton_kernel_in_a_patched_model_equals_torch_under_the_interpreter():
     assert run.returncode == 0, run.stderr[-3000:]
     for case in ("llama rerope", "llama dynamic_ntk", "llama yarn", "gpt_neox pi", "phi3 ntk"):
         assert f"{case} max diff" in run.stdout
+
+
+@pytest.mark.parametrize("method,params", [("rerope", {"window": 8}), ("dynamic_ntk", {"factor": 2.0}), ("self_extend", {"group_size": 2, "window": 8})])
+def test_identity_tables_skip_the_models_own_rotation(monkeypatch, method, params):
+    """Methods that rotate in rope_ext's attention hand out cos = 1, sin = 0; the model's own
+    rotation by them is skipped for this model only, and the function is restored at unpatch."""
+    model, other = make_tiny("llama"), make_tiny("llama", seed=1)
+    modeling = sys.modules[type(model).__module__]
+    calls = []
+    original = modeling.apply_rotary_pos_emb
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", counting)
+    ids = torch.randint(3, 97, (1, 20))
+    with torch.no_grad():
+        rope_ext.patch(model, method, **params)
+        model(ids)
+        assert calls == []
+        other(ids)
+        assert len(calls) == other.config.num_hidden_layers
+        rope_ext.unpatch(model)
+    assert modeling.apply_rotary_pos_emb is counting
