@@ -3,8 +3,9 @@
 Frequency methods write new theta_i and cos/sin magnitude into the model's rotary module (the model
 rotates as usual: zero overhead). Methods that change attention, or that must re-rotate cached keys
 (dynamic NTK / YaRN, ReRoPE ...), make the rotary module hand out the identity rotation, so q and k
-reach -- and the KV cache stores -- them unrotated, and select rope_ext's attention function for this
-model only (``rope_ext.attention``). Every write goes through one Recorder kept on the model.
+reach -- and the KV cache stores -- them unrotated (the model's own rotation by those tables is
+skipped: ``rope_ext.fused_rotary``), and select rope_ext's attention function for this model only
+(``rope_ext.attention``). Every write goes through one Recorder kept on the model.
 """
 from __future__ import annotations
 
