@@ -123,19 +123,18 @@ SMALL = 1 << 16  # q + k elements up to which the few-calls path is used (decodi
 
 def _rotate_small(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, s: torch.Tensor, interleaved: bool, conjugate: bool,
                   head_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k in one pass with full-width tables: x' = x C + swap(x) S, C = (c, c), S = (-s, s)
-    (paired as the layout pairs). The same float32 operations as ``_rotate_pairs``, in fewer calls."""
+    """q and k in one pass: the same float32 operations as ``_rotate_pairs`` on their concatenation,
+    in as few calls as possible (decoding is bound by calls, not bytes)."""
     x = torch.cat((q, k), head_axis)
     d = x.shape[-1]
-    pair = (-s, s) if not conjugate else (s, -s)
-    if interleaved:
-        C, S = torch.stack((c, c), -1).flatten(-2), torch.stack(pair, -1).flatten(-2)
-        swapped = x.view(*x.shape[:-1], d // 2, 2).flip(-1).view(x.shape)
-    else:
-        C, S = torch.cat((c, c), -1), torch.cat(pair, -1)
-        swapped = x.view(*x.shape[:-1], 2, d // 2).flip(-2).view(x.shape)
-    out = torch.mul(x, C.unsqueeze(head_axis)).addcmul_(swapped, S.unsqueeze(head_axis))
-    return out.to(q.dtype).split_with_sizes([q.shape[head_axis], k.shape[head_axis]], head_axis)
+    shape = (*x.shape[:-1], d // 2, 2) if interleaved else (*x.shape[:-1], 2, d // 2)
+    pair = -1 if interleaved else -2
+    c, s = c.unsqueeze(head_axis), s.unsqueeze(head_axis)
+    xv = x.view(shape)
+    out = torch.empty(shape, dtype=c.dtype, device=x.device)
+    _rotate_pairs(xv, out, c.unsqueeze(pair), s, pair, 1.0 if conjugate else -1.0)
+    out = out.view(x.shape)
+    return (out if out.dtype == q.dtype else out.to(q.dtype)).split_with_sizes([q.shape[head_axis], k.shape[head_axis]], head_axis)
 
 
 def rotary_torch(
