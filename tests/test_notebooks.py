@@ -60,6 +60,7 @@ def test_stored_without_outputs(path):
     code = [c for c in book.cells if c.cell_type == "code"]
     assert code
     assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert all("execution" not in c.metadata for c in book.cells)
     assert "image/png" not in raw and '"output_type"' not in raw
     parameters_index(book)
 
