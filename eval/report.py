@@ -256,44 +256,51 @@ def _write_csv(records: list[dict[str, Any]], out_dir: Path) -> None:
 
 
 def _finish(fig, ax, path: Path) -> Path:
-    """Legend, grid, tight layout; save the PNG and free the figure."""
-    import matplotlib.pyplot as plt
+    """Plain numbers on log axes, legend, grid, tight layout; save the PNG."""
+    from matplotlib.ticker import FuncFormatter
 
-    ax.legend(fontsize=8)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
 
 def _plot_ppl(label, trained, methods, lengths, cells, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import (
+        Figure,  # not pyplot: the caller's backend (a notebook's) is left alone
+    )
 
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(8.5, 4.5))
+    ax = fig.subplots()
     for m in methods:
         pts = [(L, cells[(m, L)].get("ppl_past") or cells[(m, L)]["ppl"]) for L in lengths if (m, L) in cells]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m == SLIDING else "-")
     ax.axvline(trained, color="grey", linestyle=":", label=f"trained length ({trained})")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{L}\n{L / trained:g}x" for L in lengths])
     ax.set_yscale("log")
-    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_xlabel("evaluation length (tokens, multiple of the trained length)")
     ax.set_ylabel("PPL past the trained length (whole window at <= trained)")
     ax.set_title(f"Perplexity vs length\n{label}", fontsize=10)
     paths.append(_finish(fig, ax, out_dir / f"ppl_vs_length_{_slug(label)}.png"))
     longest = max(L for (_, L) in cells)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(8.5, 4.5))
+    ax = fig.subplots()
     for m in methods:
         res = cells.get((m, longest))
         if res:
             xs = [(b["start"] + b["end"] - 1) / 2 for b in res["buckets"]]
             ax.plot(xs, [b["ppl"] for b in res["buckets"]], marker=".", label=m, linestyle="--" if m == SLIDING else "-")
-    ax.axvline(trained, color="grey", linestyle=":", label=f"trained length ({trained})")
+    if trained < longest:
+        ax.axvline(trained, color="grey", linestyle=":", label=f"trained length ({trained})")
     ax.set_yscale("log")
     ax.set_xlabel("position in the window (tokens)")
     ax.set_ylabel("PPL of the predictions in the bucket")
@@ -303,14 +310,12 @@ def _plot_ppl(label, trained, methods, lengths, cells, out_dir: Path) -> list[Pa
 
 
 def _plot_passkey(label, methods, lengths, depths, trained, grid, out_dir: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     n = len(methods)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 1.2, 3.4), squeeze=False)
+    fig = Figure(figsize=(2.6 * n + 1.2, 3.4))
+    axes = fig.subplots(1, n, squeeze=False)
     image = None
     for ax, m in zip(axes[0], methods):
         data = np.array([[grid.get((m, L, d), np.nan) for L in lengths] for d in depths], dtype=float)
@@ -328,5 +333,4 @@ def _plot_passkey(label, methods, lengths, depths, trained, grid, out_dir: Path)
     fig.suptitle(f"Passkey retrieval — {label}")
     path = out_dir / f"passkey_{_slug(label)}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path

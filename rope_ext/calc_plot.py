@@ -10,11 +10,8 @@ from .calc_bound import PUBLISHED_BOUNDS_D128, SU_BOUNDS_D128, BaseBound
 def plot_base_bounds(bounds: list[BaseBound], path: str | os.PathLike, title: str | None = None) -> Path:
     """Log-log plot of the first feasible base, the stable base and the certified base against L,
     with the published points of Men et al. 2024 (and Su's re-scan) overlaid when head_dim is 128.
-    The directory must exist; the file is written with matplotlib's Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The directory must exist. Drawn on a bare Figure, not pyplot, so the caller's backend is left alone."""
+    from matplotlib.figure import Figure
 
     if not bounds:
         raise ValueError("nothing to plot: give at least one context length")
@@ -24,7 +21,8 @@ def plot_base_bounds(bounds: list[BaseBound], path: str | os.PathLike, title: st
     if not out.parent.is_dir():
         raise FileNotFoundError(f"directory of the plot path does not exist: {str(out.parent)!r}")
     d = bounds[0].head_dim
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     series = [("first feasible base (scan)", "first_feasible", "o-"), ("stable base: every larger base feasible (scan)", "stable", "s--"),
               ("certified: proved feasible above", "certified_above", ":")]
     for label, attr, style in series:
@@ -44,5 +42,4 @@ def plot_base_bounds(bounds: list[BaseBound], path: str | os.PathLike, title: st
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

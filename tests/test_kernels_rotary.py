@@ -369,20 +369,29 @@ def test_torch_path_chunks_agree_with_one_pass(monkeypatch, dtype, inplace, layo
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_torch_small_path_equals_general_path(monkeypatch, dtype, interleaved):
-    """Decode-sized inputs take a few-calls path (q and k concatenated); it performs the same float32
-    operations as the general path, forward and backward, so the results are identical."""
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+@pytest.mark.parametrize("offsets", ["tensor", "none"])
+def test_torch_small_path_equals_general_path(monkeypatch, dtype, interleaved, layout, offsets):
+    """Decode-sized inputs take a few-calls path (q and k concatenated, the tables' first half viewed
+    in place); it performs the same float32 operations as the general path, forward and backward,
+    so the results are identical."""
     import rope_ext.kernels.rotary_torch as rt
 
     torch.manual_seed(12)
     q0, k0 = torch.randn(3, 4, 2, 16).to(dtype), torch.randn(3, 2, 2, 16).to(dtype)
+    if layout == "bthd":
+        q0, k0 = q0.transpose(1, 2).contiguous(), k0.transpose(1, 2).contiguous()
     cos, sin = tables(16, 6, dtype)
-    g = torch.randn(3, 4, 2, 16).to(dtype), torch.randn(3, 2, 2, 16).to(dtype)
+    if offsets == "none":  # per-sequence rows as a model hands them over, halves made different on purpose
+        cos, sin = cos[:, 3:5].expand(3, -1, -1).clone(), sin[:, 3:5].expand(3, -1, -1).clone()
+        cos[..., 8:], sin[..., 8:] = 7.0, -7.0
+    g = torch.randn_like(q0), torch.randn_like(k0)
     results = []
     for small in (1 << 30, 0):
         monkeypatch.setattr(rt, "SMALL", small)
         q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-        outs = apply_rotary(q, k, cos, sin, kernel="torch", interleaved=interleaved, offsets=torch.tensor([0, 3, 4]))
+        outs = apply_rotary(q, k, cos, sin, kernel="torch", interleaved=interleaved, layout=layout,
+                            offsets=torch.tensor([0, 3, 4]) if offsets == "tensor" else None)
         torch.autograd.backward(outs, g)
         results.append((*outs, q.grad, k.grad))
     for a, b in zip(*results):

@@ -40,21 +40,22 @@ def positions(seqlen: int, offsets: int | torch.Tensor | None, cu_seqlens: torch
 
 
 def gather_tables(
-    cos: torch.Tensor, sin: torch.Tensor, half: int, pos: torch.Tensor | int, seqlen: int
+    cos: torch.Tensor, sin: torch.Tensor, half: int, pos: torch.Tensor | int, seqlen: int, narrow: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (float64 for float64 tables) (1|B, T, half) cos/sin rows for positions ``pos``
-    (identity rotation outside the table)."""
+    (identity rotation outside the table); with ``narrow=False`` the rows keep the tables' width,
+    of which only the first ``half`` columns are meant."""
     work = torch.promote_types(cos.dtype, torch.float32)
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
-    if cos.shape[-1] != half:
+    if narrow and cos.shape[-1] != half:
         cos, sin = cos.narrow(-1, 0, half), sin.narrow(-1, 0, half)
     table_len = cos.shape[1]
     if isinstance(pos, int):
         if pos >= 0 and pos + seqlen <= table_len:
             if pos != 0 or seqlen != table_len:
                 cos, sin = cos.narrow(1, pos, seqlen), sin.narrow(1, pos, seqlen)
-            return cos.to(work), sin.to(work)
+            return (cos, sin) if cos.dtype == work else (cos.to(work), sin.to(work))
         pos = torch.arange(pos, pos + seqlen, device=cos.device)[None, :]
     in_table = None
     if pos.device.type == "cpu":  # no device to wait for: check once and skip the masking if all rows exist
@@ -122,19 +123,44 @@ SMALL = 1 << 16  # q + k elements up to which the few-calls path is used (decodi
 
 
 def _rotate_small(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, s: torch.Tensor, interleaved: bool, conjugate: bool,
-                  head_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k in one pass: the same float32 operations as ``_rotate_pairs`` on their concatenation,
-    in as few calls as possible (decoding is bound by calls, not bytes)."""
+                  seq_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k in one pass, in as few calls as possible (decoding is bound by calls, not bytes):
+    x' = x c + swap(x) (-+ s), the float32 products and sums of ``_rotate_pairs``, so the results
+    are identical; swap exchanges the members of each pair."""
+    head_axis = 2 if seq_first else 1
     x = torch.cat((q, k), head_axis)
-    d = x.shape[-1]
-    shape = (*x.shape[:-1], d // 2, 2) if interleaved else (*x.shape[:-1], 2, d // 2)
-    pair = -1 if interleaved else -2
-    c, s = c.unsqueeze(head_axis), s.unsqueeze(head_axis)
+    half = x.shape[-1] // 2
+    shape = (*x.shape[:-1], half, 2) if interleaved else (*x.shape[:-1], 2, half)
     xv = x.view(shape)
-    out = torch.empty(shape, dtype=c.dtype, device=x.device)
-    _rotate_pairs(xv, out, c.unsqueeze(pair), s, pair, 1.0 if conjugate else -1.0)
+    out = torch.mul(xv, _pair_view(c, half, interleaved, seq_first))
+    out.addcmul_(xv.flip(-1 if interleaved else -2), _pair_view(s, half, interleaved, seq_first) * _pair_signs(interleaved, conjugate, s.device))
     out = out.view(x.shape)
     return (out if out.dtype == q.dtype else out.to(q.dtype)).split_with_sizes([q.shape[head_axis], k.shape[head_axis]], head_axis)
+
+
+def _pair_view(table: torch.Tensor, half: int, interleaved: bool, seq_first: bool) -> torch.Tensor:
+    """The first ``half`` columns of (1|B, T, w) rows as one view that broadcasts against the pair
+    view of x: (b, 1, T, 1, half) ((b, 1, T, half, 1) interleaved; heads and T swapped for bthd)."""
+    b, t, _ = table.shape
+    sb, st, sc = table.stride()
+    shape, stride = [b, 1, t, 1, half], [sb, 0, st, 0, sc]
+    if interleaved:
+        shape[3:], stride[3:] = shape[:2:-1], stride[:2:-1]
+    if seq_first:
+        shape[1:3], stride[1:3] = shape[2:0:-1], stride[2:0:-1]
+    return table.as_strided(shape, stride, table.storage_offset())
+
+
+_PAIR_SIGNS: dict[tuple[bool, bool, torch.device], torch.Tensor] = {}
+
+
+def _pair_signs(interleaved: bool, conjugate: bool, device: torch.device) -> torch.Tensor:
+    """(-1, 1) over the members of a pair ((1, -1) for the conjugate rotation), cached per device."""
+    key = (interleaved, conjugate, device)
+    signs = _PAIR_SIGNS.get(key)
+    if signs is None:
+        signs = _PAIR_SIGNS[key] = torch.tensor([1.0, -1.0] if conjugate else [-1.0, 1.0], device=device).view((2,) if interleaved else (2, 1))
+    return signs
 
 
 def rotary_torch(
@@ -157,10 +183,11 @@ def rotary_torch(
     x0 = q if q is not None else k
     seqlen = x0.shape[1] if seq_first else x0.shape[2]
     pos = positions(seqlen, offsets, cu_seqlens, x0.device)
+    if q is not None and k is not None and not inplace and rotary_dim == x0.shape[-1] and q.numel() + k.numel() <= SMALL:
+        c, s = gather_tables(cos, sin, rotary_dim // 2, pos, seqlen, narrow=False)
+        return _rotate_small(q, k, c, s, interleaved, conjugate, seq_first)
     c, s = gather_tables(cos, sin, rotary_dim // 2, pos, seqlen)
     head_axis = 2 if seq_first else 1
-    if q is not None and k is not None and not inplace and rotary_dim == x0.shape[-1] and q.numel() + k.numel() <= SMALL:
-        return _rotate_small(q, k, c, s, interleaved, conjugate, head_axis)
     c, s = c.unsqueeze(head_axis), s.unsqueeze(head_axis)
     c = c.unsqueeze(-1 if interleaved else -2)
     seq_axis = 1 if seq_first else 2
