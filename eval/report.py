@@ -272,9 +272,8 @@ def _finish(fig, ax, path: Path) -> Path:
 
 
 def _plot_ppl(label, trained, methods, lengths, cells, out_dir: Path) -> list[Path]:
-    from matplotlib.figure import (
-        Figure,  # not pyplot: the caller's backend (a notebook's) is left alone
-    )
+    # a bare Figure, not pyplot: the caller's backend (a notebook's) is left alone
+    from matplotlib.figure import Figure
 
     paths = []
     fig = Figure(figsize=(8.5, 4.5))
