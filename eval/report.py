@@ -18,10 +18,11 @@ from typing import Any
 from .results import CONFIG, ENV, RESULTS, ResultStore
 from .spec import SLIDING
 
-NOTE = ("A tiny byte-level model gains little from context beyond its window, so for the lab models the "
-        "criterion is staying flat -- PPL past the trained length close to the sliding-window baseline -- "
-        "not getting lower. The sliding-window baseline scores every token with the model at its trained "
-        "length (windows of the trained length), which is what ideal extrapolation would match.")
+NOTE = ("How to read the perplexities: the sliding-window baseline scores every token with the model at "
+        "its trained length (windows of the trained length), which is what ideal extrapolation would match "
+        "(1.00x). A small model, such as the byte-level lab models, gains little from context beyond its "
+        "window, so for it the criterion is staying flat -- PPL past the trained length close to the "
+        "baseline -- not getting lower.")
 
 
 def _slug(text: str) -> str:
