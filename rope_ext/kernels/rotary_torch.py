@@ -119,21 +119,24 @@ def _rotate_one(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, r: int, inter
     return out
 
 
-SMALL = 1 << 16  # q + k elements up to which the few-calls path is used (decoding is call-bound)
+SMALL = 1 << 17  # q + k elements up to which the few-calls path is used (decoding is call-bound)
 
 
 def _rotate_small(q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, s: torch.Tensor, interleaved: bool, conjugate: bool,
                   seq_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k in one pass, in as few calls as possible (decoding is bound by calls, not bytes):
     x' = x c + swap(x) (-+ s), the float32 products and sums of ``_rotate_pairs``, so the results
-    are identical; swap exchanges the members of each pair."""
+    are identical; swap exchanges the members of each pair (an index_select: faster than flip)."""
     head_axis = 2 if seq_first else 1
     x = torch.cat((q, k), head_axis)
+    if x.dtype != c.dtype:
+        x = x.to(c.dtype)
     half = x.shape[-1] // 2
-    shape = (*x.shape[:-1], half, 2) if interleaved else (*x.shape[:-1], 2, half)
-    xv = x.view(shape)
+    pair = -1 if interleaved else -2
+    xv = x.view((*x.shape[:-1], half, 2) if interleaved else (*x.shape[:-1], 2, half))
+    signs, swap = _pair_constants(interleaved, conjugate, s.device)
     out = torch.mul(xv, _pair_view(c, half, interleaved, seq_first))
-    out.addcmul_(xv.flip(-1 if interleaved else -2), _pair_view(s, half, interleaved, seq_first) * _pair_signs(interleaved, conjugate, s.device))
+    out.addcmul_(xv.index_select(pair, swap), _pair_view(s, half, interleaved, seq_first) * signs)
     out = out.view(x.shape)
     return (out if out.dtype == q.dtype else out.to(q.dtype)).split_with_sizes([q.shape[head_axis], k.shape[head_axis]], head_axis)
 
@@ -151,16 +154,18 @@ def _pair_view(table: torch.Tensor, half: int, interleaved: bool, seq_first: boo
     return table.as_strided(shape, stride, table.storage_offset())
 
 
-_PAIR_SIGNS: dict[tuple[bool, bool, torch.device], torch.Tensor] = {}
+_PAIR_CONSTANTS: dict[tuple[bool, bool, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _pair_signs(interleaved: bool, conjugate: bool, device: torch.device) -> torch.Tensor:
-    """(-1, 1) over the members of a pair ((1, -1) for the conjugate rotation), cached per device."""
+def _pair_constants(interleaved: bool, conjugate: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signs (-1, 1) over the members of a pair ((1, -1) for the conjugate rotation), shaped for the
+    pair view, and the index (1, 0) that swaps the members; cached per device."""
     key = (interleaved, conjugate, device)
-    signs = _PAIR_SIGNS.get(key)
-    if signs is None:
-        signs = _PAIR_SIGNS[key] = torch.tensor([1.0, -1.0] if conjugate else [-1.0, 1.0], device=device).view((2,) if interleaved else (2, 1))
-    return signs
+    constants = _PAIR_CONSTANTS.get(key)
+    if constants is None:
+        signs = torch.tensor([1.0, -1.0] if conjugate else [-1.0, 1.0], device=device).view((2,) if interleaved else (2, 1))
+        constants = _PAIR_CONSTANTS[key] = (signs, torch.tensor([1, 0], device=device))
+    return constants
 
 
 def rotary_torch(
