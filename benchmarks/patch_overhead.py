@@ -26,6 +26,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 import rope_ext
+from rope_ext._compat import cache_kwarg
 
 FACTOR = 4.0
 
@@ -78,7 +79,7 @@ def time_forward(model, ids: torch.Tensor) -> Callable[[], float]:
 def prefill(model, ids: torch.Tensor) -> Callable[[], DynamicCache]:
     def once() -> DynamicCache:
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
         return cache
 
     return once
@@ -90,7 +91,7 @@ def time_decode(model, cache: DynamicCache, tokens: torch.Tensor) -> Callable[[]
     def once() -> float:
         start = time.perf_counter()
         for t in tokens:
-            model(input_ids=t.view(1, 1), past_key_values=cache, use_cache=True)
+            model(input_ids=t.view(1, 1), **{cache_kwarg(model): cache}, use_cache=True)
         elapsed = time.perf_counter() - start
         cache.crop(-len(tokens))
         return elapsed / len(tokens)

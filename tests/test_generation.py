@@ -9,6 +9,7 @@ from conftest import make_tiny
 from test_patch_identity import EXTEND
 
 import rope_ext
+from rope_ext._compat import cache_kwarg
 
 FAMILIES = [("llama", "sdpa"), ("phi3", "sdpa"), ("gemma2", "eager")]
 
@@ -38,10 +39,10 @@ def test_cached_decode_equals_full_recompute(family, attn, name, params):
     with torch.inference_mode(), rope_ext.patched(model, name, **params):
         cache = DynamicCache(config=model.config)
         prefix = L - steps
-        model(ids[:, :prefix], attention_mask=mask[:, :prefix], position_ids=pos[:, :prefix], past_key_values=cache, use_cache=True)
+        model(ids[:, :prefix], attention_mask=mask[:, :prefix], position_ids=pos[:, :prefix], **{cache_kwarg(model): cache}, use_cache=True)
         for t in range(prefix, L):
             step = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                         past_key_values=cache, use_cache=True).logits[:, -1]
+                         **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
             full = model(ids[:, :t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, :t + 1]).logits[:, -1]
             err = (step - full).abs().max().item()
             assert err <= 1e-4, f"{name} on {family}: step {t}: {err:.2e}"
@@ -60,9 +61,9 @@ def test_transformers_native_dynamic_has_stale_keys_and_ours_does_not():
             rope_ext.patch(model, "dynamic_ntk")
         with torch.inference_mode():
             cache = DynamicCache(config=model.config)
-            model(ids[:, :33], past_key_values=cache, use_cache=True)
+            model(ids[:, :33], **{cache_kwarg(model): cache}, use_cache=True)
             for t in range(33, 60):
-                step = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+                step = model(ids[:, t:t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
             errors[label] = (step - model(ids).logits[:, -1]).abs().max().item()
     assert errors["rope_ext"] <= 1e-5 and errors["native"] > 20 * errors["rope_ext"], errors
 
