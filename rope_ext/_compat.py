@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from importlib.metadata import version
 
-SUPPORTED = ((5, 0), (6, 0))
+SUPPORTED = ((5, 15), (6, 0))  # [low, high): RoPE in config.rope_parameters, the attention seams we patch
+TESTED = ((5, 15), (5, 24))  # the whole suite passed on both ends and on releases between them
 
 
 def _parse(text: str) -> tuple[int, int]:
@@ -12,13 +14,20 @@ def _parse(text: str) -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-def check_transformers() -> None:
-    installed = version("transformers")
+def check_transformers(installed: str | None = None) -> None:
+    """Fail below 5.15 or from 6.0 on (with the install command), warn past the newest tested 5.x."""
+    installed = installed or version("transformers")
     low, high = SUPPORTED
-    if not low <= _parse(installed) < high:
+    found = _parse(installed)
+    if not low <= found < high:
         raise ImportError(
             f"rope-ext needs transformers >= {low[0]}.{low[1]} and < {high[0]}.{high[1]} (RoPE in "
-            f"config.rope_parameters); found {installed}. Install with: pip install 'transformers>=5,<6'"
+            f"config.rope_parameters); found {installed}. Install with: pip install 'transformers>={low[0]}.{low[1]},<{high[0]}'"
+        )
+    if found > TESTED[1]:
+        warnings.warn(
+            f"rope-ext is tested with transformers {TESTED[0][0]}.{TESTED[0][1]} to {TESTED[1][0]}.{TESTED[1][1]}; found "
+            f"{installed}, newer: it should work, and `bash scripts/test.sh` tells you whether it does", stacklevel=2,
         )
 
 
