@@ -30,14 +30,32 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float, dty
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
+FEW_CALLS = 1 << 16  # elements below which ``rotate`` takes transformers' own expression (fewest calls)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, L, d) by cos/sin (B, L, r), r <= d; dims past r are passed through."""
+    """Rotate x (B, H, L, d) by cos/sin (B, L, r), r <= d; dims past r are passed through.
+
+    Bitwise what transformers computes, x * cos + rotate_half(x) * sin in x's dtype (the same
+    products and sums, each rounded once): small inputs take that expression; larger ones write
+    x * cos once and subtract / add the half products in place, which moves far fewer bytes
+    (rotate_half's negated copy and concatenation are never made)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    if x.numel() < FEW_CALLS:
+        if r == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    half = r // 2
+    out = torch.empty_like(x)
+    x_rot, out_rot = (x, out) if r == x.shape[-1] else (x[..., :r], out[..., :r])
+    torch.mul(x_rot, cos, out=out_rot)
+    out_rot[..., :half].sub_(x_rot[..., half:] * sin[..., :half])
+    out_rot[..., half:].add_(x_rot[..., :half] * sin[..., half:])
+    if r < x.shape[-1]:
+        out[..., r:] = x[..., r:]
+    return out
 
 
 KERNELS = ("auto", "triton", "torch")
