@@ -77,9 +77,11 @@ def time_forward(model, ids: torch.Tensor) -> Callable[[], float]:
 
 
 def prefill(model, ids: torch.Tensor) -> Callable[[], DynamicCache]:
+    cache_name = cache_kwarg(model)
+
     def once() -> DynamicCache:
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **{cache_name: cache}, use_cache=True, logits_to_keep=1)
         return cache
 
     return once
@@ -88,10 +90,12 @@ def prefill(model, ids: torch.Tensor) -> Callable[[], DynamicCache]:
 def time_decode(model, cache: DynamicCache, tokens: torch.Tensor) -> Callable[[], float]:
     """Seconds per token over ``len(tokens)`` single-token steps; the cache is cropped back after."""
 
+    cache_name = cache_kwarg(model)
+
     def once() -> float:
         start = time.perf_counter()
         for t in tokens:
-            model(input_ids=t.view(1, 1), **{cache_kwarg(model): cache}, use_cache=True)
+            model(input_ids=t.view(1, 1), **{cache_name: cache}, use_cache=True)
         elapsed = time.perf_counter() - start
         cache.crop(-len(tokens))
         return elapsed / len(tokens)
