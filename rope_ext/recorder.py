@@ -2,6 +2,7 @@
 (object, name, old value) and replays them backwards on undo, so unpatch is exact by construction."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 _ABSENT = object()
@@ -17,11 +18,18 @@ class Recorder:
         self._log.append(("attr", obj, name, old))
         setattr(obj, name, value)
 
+    def on_undo(self, restore: Callable[[], None]) -> None:
+        """Run ``restore()`` when undo reaches this point (for writes that are not one attribute,
+        e.g. a reference-counted module-level swap shared by several patched models)."""
+        self._log.append(("call", restore, None, None))
+
     def undo(self) -> None:
         """Restore every recorded write, newest first."""
         while self._log:
-            _, obj, name, old = self._log.pop()
-            if old is _ABSENT:
+            kind, obj, name, old = self._log.pop()
+            if kind == "call":
+                obj()
+            elif old is _ABSENT:
                 delattr(obj, name)
             elif name in getattr(obj, "_buffers", {}):
                 obj._buffers[name] = old
