@@ -19,8 +19,9 @@ import time
 import torch
 from rope_ext.eval.lab import LabConfig, build_model, load_lab
 from rope_ext.eval.ppl import perplexity, select_windows
-from rope_ext.eval.spec import parse_lengths, resolve, trained_length
+from rope_ext.eval.spec import resolve, trained_length
 from rope_ext.eval.tokens import byte_tokenizer
+from rope_ext.lengths import parse_lengths
 
 import rope_ext
 

@@ -2,7 +2,7 @@
 query-blocked reference, the original two-full-score-matrix form, and plain causal SDPA.
 
 ReRoPE (Su 2023) scores near pairs with one q/k rotation and far pairs with another; its published
-code builds two full L x L score matrices. ``rope_ext.two_part.two_part_attention`` does it per
+code builds two full L x L score matrices. ``rope_ext.kernels.two_part_reference.two_part_attention`` does it per
 query block (block 512); ``block = L`` reproduces the two full matrices. The merged path
 (``rope_ext.kernels.two_part_merged``) never forms a score matrix. Plain SDPA (one causal call,
 one set of q/k) is the floor a two-part method can approach. Inputs: batch 1, 32 q / 8 kv heads
@@ -33,7 +33,7 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     import torch.nn.functional as F
 
     from rope_ext.kernels.two_part_merged import two_part_attention_merged
-    from rope_ext.two_part import two_part_attention
+    from rope_ext.kernels.two_part_reference import two_part_attention
 
     torch.set_num_threads(args.threads)
     device, dtype, L = torch.device(args.device), getattr(torch, args.dtype), args.length

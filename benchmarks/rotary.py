@@ -7,7 +7,8 @@ Ratios are against HF's eager ``apply_rotary_pos_emb`` (transformers' Llama) in 
 Prefill: B=1, T tokens, 32 q / 8 kv heads, d=128, shared (1, T, d) tables as HF's rotary module
 makes them. Decode: T=1 per sequence at position 4095; every path gets the gathered (B, 1, d) rows
 as a model hands them over, except ``ours_triton_off`` and flash-attn, which take the 4096-row
-table and a per-sequence offset tensor (the gather fused into the kernel).
+table and a per-sequence offset tensor (the gather fused into the kernel). ``ours_rotate`` is
+``rope_ext.rotary.rotate`` on q, then on k, as rope_ext's attention calls it (bitwise transformers).
 Host overhead: wall time per call of back-to-back decode calls without synchronising, i.e. the
 Python + launch cost when the GPU is not the bottleneck. Liger and flash-attn are tried by import.
 
@@ -25,7 +26,7 @@ from collections.abc import Callable
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from rope_ext.rotary import apply_rotary, cos_sin
+from rope_ext.rotary import apply_rotary, cos_sin, rotate
 
 PEAK_TBPS = {"H100 SXM": 3.35, "H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200": 4.8, "GH200": 4.0,
              "A100-SXM4-80GB": 2.04, "A100 80GB PCIe": 1.94, "A100-SXM4-40GB": 1.56, "A100-PCIE-40GB": 1.56, "L40S": 0.864,
@@ -100,6 +101,7 @@ def implementations(device: torch.device) -> tuple[dict[str, Callable], list[str
     except Exception as err:  # noqa: BLE001 - report any reason compile is unavailable
         notes.append(f"torch.compile unavailable: {err}")
     impls["ours_torch"] = lambda c: apply_rotary(c["q"], c["k"], c["cos_rows"], c["sin_rows"], kernel="torch")
+    impls["ours_rotate"] = lambda c: (rotate(c["q"], c["cos_rows"], c["sin_rows"]), rotate(c["k"], c["cos_rows"], c["sin_rows"]))
     if device.type == "cuda":
         impls["ours_triton"] = lambda c: apply_rotary(c["q"], c["k"], c["cos_rows"], c["sin_rows"], kernel="triton")
         impls["ours_triton_off"] = lambda c: apply_rotary(c["q"], c["k"], c["cos"], c["sin"], kernel="triton", offsets=c["offsets"])
@@ -190,14 +192,14 @@ def report(title: str, shapes: list[tuple[int, int, bool]], args, device, impls,
 
 def overheads(args, device, impls) -> None:
     print("\n== host overhead per call (decode B=1 T=1, back-to-back, no sync) ==")
-    from rope_ext.kernels import rotary_apply
+    from rope_ext.kernels import rotary_autograd
 
     case = make_case(1, 1, True, args, device, grad=False)
     fns = {name: (lambda fn=fn: fn(case)) for name, fn in impls.items() if name != "hf_compile"}
     backend = "triton" if device.type == "cuda" else "torch"
-    raw = rotary_apply.backend(backend)
-    fns[f"{backend} backend, table+offset, no checks"] = lambda: raw(case["q"], case["k"], case["cos"], case["sin"], rotary_dim=args.head_dim,
-                                                       offsets=case["offsets"])
+    raw = rotary_autograd.op(backend)
+    fns[f"{backend} op, table+offset, no checks"] = lambda: raw(case["q"], case["k"], case["cos"], case["sin"], rotary_dim=args.head_dim,
+                                                  offsets=case["offsets"])
     with torch.no_grad():
         for name, fn in fns.items():
             kernel = timer(fn, device, args.repeats) if device.type == "cuda" else None
@@ -214,7 +216,7 @@ def triton_wrapper_cost(case: dict, args) -> float | None:
     from unittest import mock
 
     try:
-        from rope_ext.kernels import rotary_triton
+        from rope_ext.kernels import rotary_ops_triton
     except ImportError:
         return None
 
@@ -223,7 +225,7 @@ def triton_wrapper_cost(case: dict, args) -> float | None:
             return lambda *a, **k: None
 
     env = {} if case["q"].is_cuda else {"TRITON_INTERPRET": "1"}
-    with mock.patch.object(rotary_triton, "_rotary_kernel", Stub()), mock.patch.dict(os.environ, env):
+    with mock.patch.object(rotary_ops_triton, "_rotary_kernel", Stub()), mock.patch.dict(os.environ, env):
         return host_overhead(lambda: apply_rotary(case["q"], case["k"], case["cos"], case["sin"], kernel="triton", offsets=case["offsets"]),
                              torch.device("cpu"), args.calls)
 

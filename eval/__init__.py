@@ -17,7 +17,9 @@ from .ppl import perplexity, sliding_nll, token_nll
 from .report import write_report
 from .results import ResultStore, RunDir
 from .runner import choose_threads, set_threads
-from .spec import parse_lengths, resolve, trained_length
+from rope_ext.lengths import parse_lengths
+
+from .spec import resolve, trained_length
 from .tokens import byte_tokenizer, encode
 
 __all__ = [

@@ -32,6 +32,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 import rope_ext
+from rope_ext.facts import rope_spec
 from rope_ext.methods import registry
 
 from .spec import parse_value, resolve, trained_length
@@ -130,7 +131,7 @@ class RopeExtLM(HFLM):
         trained = trained_length(model.config)
         self.trained_length = trained
         max_length = max_length or implied_length(args, trained)
-        params = resolve(method, args, max_length, trained)
+        params = resolve(method, args, max_length, rope_spec(model))
         apply_method(model, method, params)
         self.rope_ext_method, self.rope_ext_params = method, params
         model.to(chosen)

@@ -31,9 +31,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from rope_ext.lengths import parse_lengths
+
 from .corpus import load_corpus
 from .passkey import build_prompt, filler_stream, get_format, score
-from .spec import parse_lengths, parse_value, trained_length
+from .spec import parse_value, trained_length
 from .tokens import decode, encode
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -112,7 +114,8 @@ def passkey_docs(fmt: str = "compact", **kwargs: Any) -> list[dict[str, Any]]:
         raise ValueError("rope_ext_passkey needs the model's tokenizer: give pretrained=PATH in --model_args (or --metadata)")
     tokenizer = load_tokenizer(pretrained)
     trained = trained_length(models.load_config(str(pretrained)))
-    lengths = parse_lengths([str(x) for x in _items(kwargs.get("passkey_lengths", "1x,2x,4x"))], trained)
+    lengths = parse_lengths([str(x) for x in _items(kwargs.get("passkey_lengths", "1x,2x,4x"))], trained,
+                            "passkey_lengths", minimum=2)
     depths = [float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else d
               for d in _items(kwargs.get("passkey_depths", list(DEFAULT_DEPTHS)))]
     if not depths or any(not isinstance(d, float) or not 0 <= d <= 1 for d in depths):

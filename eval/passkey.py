@@ -23,10 +23,13 @@ from typing import Any
 
 import torch
 
+from rope_ext.facts import rope_spec
+from rope_ext.lengths import parse_lengths
+
 from .corpus import Corpus, load_corpus
 from .results import ResultStore, RunDir
 from .runner import Cell, applied, check_methods, model_identity, run_cells
-from .spec import SLIDING, parse_lengths, parse_methods, resolve, trained_length
+from .spec import SLIDING, parse_methods, resolve, trained_length
 from .tokens import decode, encode
 
 FILLER_SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -159,7 +162,8 @@ def passkey(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[int | str]
     """
     run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
     trained = trained_length(model.config)
-    lengths = parse_lengths(lengths, trained)
+    spec = rope_spec(model)
+    lengths = parse_lengths(lengths, trained, "lengths", minimum=2)
     names = parse_methods(methods)
     if SLIDING in names:
         raise ValueError(f"{SLIDING} is a perplexity baseline; it does not apply to passkey retrieval")
@@ -174,7 +178,7 @@ def passkey(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[int | str]
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise ValueError(f"method_params for {', '.join(unknown)}, which are not among the methods run: {', '.join(names)}")
-    runs = {(m, L): resolve(m, given.get(m, {}), L, trained) for L in lengths for m in names}
+    runs = {(m, L): resolve(m, given.get(m, {}), L, spec) for L in lengths for m in names}
     check_methods(model, [(m, p) for (m, _), p in runs.items()])
     filler = filler_stream(tokenizer, style, corpus, "eval", max(lengths))
     prompts = {}

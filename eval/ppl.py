@@ -25,10 +25,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rope_ext.facts import rope_spec
+from rope_ext.lengths import parse_lengths
+
 from .corpus import Corpus, load_corpus
 from .results import ResultStore, RunDir
 from .runner import Cell, applied, check_methods, model_identity, run_cells
-from .spec import SLIDING, parse_lengths, parse_methods, resolve, trained_length
+from .spec import SLIDING, parse_methods, resolve, trained_length
 from .tokens import encode
 
 MODES = ("truncate", "concat")
@@ -201,7 +204,8 @@ def perplexity(model: torch.nn.Module, data: Any, lengths: Sequence[int | str] |
     """
     run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
     trained = trained_length(model.config)
-    lengths = parse_lengths(lengths, trained)
+    spec = rope_spec(model)
+    lengths = parse_lengths(lengths, trained, "lengths", minimum=2)
     names = parse_methods(methods)
     if sliding and SLIDING not in names:
         names.append(SLIDING)
@@ -214,7 +218,7 @@ def perplexity(model: torch.nn.Module, data: Any, lengths: Sequence[int | str] |
     for label, value in (("n_docs", n_docs), ("buckets", buckets), ("chunk_size", chunk_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
-    runs = {(m, L): resolve(m, given.get(m, {}), L, trained, sliding_stride) for L in lengths for m in names}
+    runs = {(m, L): resolve(m, given.get(m, {}), L, spec, sliding_stride) for L in lengths for m in names}
     check_methods(model, [(m, p) for (m, _), p in runs.items()])
     for (m, _), p in runs.items():
         if m == SLIDING:

@@ -19,7 +19,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +117,6 @@ class RunDir:
             raise PermissionError(f"run directory {str(self.path)!r} is not writable ({err.strerror or err}); choose another --run-dir") from None
         self.store = ResultStore(results)
 
-    @property
-    def report_dir(self) -> Path:
-        return self.path / "report"
-
     def write_json(self, name: str, obj: Any) -> None:
         tmp = self.path / f".{name}.tmp"
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
@@ -159,10 +154,3 @@ def environment(threads: int) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "threads": threads, "loadavg_1min": load, "device": "cpu",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for path in paths:
-        out.extend(ResultStore(path).records())
-    return out

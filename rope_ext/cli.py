@@ -1,12 +1,29 @@
 """The ``rope-ext`` command. Thin: each subcommand lives in ``rope_ext/commands/<name>.py`` and
-exposes ``add_parser(subparsers)`` (which sets ``func``) so that adding one touches no other file."""
+exposes ``add_parser(subparsers)`` (which sets ``func``) so that adding one touches no other file.
+Every name in COMMANDS must import: a missing or broken module is an error naming it, never a
+subcommand that silently disappears."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 COMMANDS = ("methods", "info", "calc", "pretrain", "eval", "report", "finetune", "lm_eval")
+
+
+def load_command(name: str) -> ModuleType:
+    """The module ``rope_ext.commands.<name>``; an ImportError naming the subcommand and the
+    underlying error when it is missing, fails to import, or has no ``add_parser``."""
+    module_name = f"rope_ext.commands.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any error raised while importing it: the module is broken
+        raise ImportError(f"subcommand {name!r} is unavailable: importing {module_name} failed "
+                          f"({type(err).__name__}: {err})") from err
+    if not callable(getattr(module, "add_parser", None)):
+        raise ImportError(f"subcommand {name!r} is unavailable: {module_name} has no add_parser(subparsers)")
+    return module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,18 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"rope_ext.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"rope_ext.commands.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        load_command(name).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ImportError as err:
+        print(f"rope-ext: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

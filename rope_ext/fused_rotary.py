@@ -2,17 +2,23 @@
 
 A transformers attention module rotates q and k by calling its modeling file's
 ``apply_rotary_pos_emb(q, k, cos, sin)``: several elementwise passes over q and k. A patched model's
-rotary module marks the cos / sin tables it hands out, and the patch puts ``dispatching(original)``
-in place of that function for the patch's lifetime:
+rotary module marks the cos / sin tables it hands out, and ``dispatching(original)`` takes that
+function's place while at least one patched model of the family needs it:
   * mark ``IDENTITY`` (methods that rotate in rope_ext's attention function, whose tables are
     cos = 1, sin = 0): q and k are returned as they are, skipping a rotation that changes nothing;
   * mark ``"triton"`` (static frequency methods with ``kernel="triton"``): q and k go to the fused
     kernel (``rope_ext.rotary.apply_rotary``), one launch for both;
   * no mark -- every other model in the process -- the original function, unchanged.
+The swap is module-level, so it is shared: a count per modeling module says how many patched models
+use it; the first (0 -> 1) installs it and the last to go (1 -> 0) puts the original back, through
+the patch's Recorder (``on_undo``), so unpatching one model never removes another's fast path, and
+a patch that fails midway gives its count back with the rest of its writes.
 """
 from __future__ import annotations
 
+import functools
 import sys
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
@@ -55,13 +61,42 @@ def marking_forward(forward: Callable, mark: str) -> Callable:
     return forward_marked
 
 
+_USERS: dict[str, int] = {}  # modeling module name -> patched models using its dispatching apply_rotary_pos_emb
+
+
+def users(modeling: ModuleType) -> int:
+    """How many patched models use the dispatching ``apply_rotary_pos_emb`` of ``modeling``."""
+    return _USERS.get(modeling.__name__, 0)
+
+
+def _acquire(modeling: ModuleType) -> None:
+    """One more user of the swap; the first one installs it."""
+    name = modeling.__name__
+    if name not in _USERS:
+        current = modeling.apply_rotary_pos_emb
+        modeling.apply_rotary_pos_emb = current if is_dispatching(current) else dispatching(current)
+    _USERS[name] = _USERS.get(name, 0) + 1
+
+
+def _release(modeling: ModuleType) -> None:
+    """One user fewer; the last one puts the original function back (unless someone else has
+    replaced the dispatching one meanwhile: then theirs stays)."""
+    name = modeling.__name__
+    _USERS[name] -= 1
+    if _USERS[name] == 0:
+        del _USERS[name]
+        current = modeling.apply_rotary_pos_emb
+        if is_dispatching(current):
+            modeling.apply_rotary_pos_emb = getattr(current, MARK)
+
+
 def install(rec: Any, family: Any, model: nn.Module, mark: str) -> None:
-    """Mark the model's rotary tables and route its modeling files' rotation through ``dispatching``;
-    every write goes through the patch's Recorder."""
+    """Mark the model's rotary tables (``rec.setattr``) and count the model as a user of its modeling
+    files' dispatching rotation (``rec.on_undo`` gives the count back at unpatch)."""
     for module in family.rotary_modules(model):
         rec.setattr(module, "forward", marking_forward(module.forward, mark))
     for name in sorted({type(m).__module__ for m in family.attention_modules(model)}):
         modeling = sys.modules[name]
-        original = getattr(modeling, "apply_rotary_pos_emb", None)
-        if original is not None and not is_dispatching(original):
-            rec.setattr(modeling, "apply_rotary_pos_emb", dispatching(original))
+        if getattr(modeling, "apply_rotary_pos_emb", None) is not None:
+            _acquire(modeling)
+            rec.on_undo(functools.partial(_release, modeling))

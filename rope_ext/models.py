@@ -7,7 +7,6 @@ reproduce the patched logits with a plain ``AutoModelForCausalLM.from_pretrained
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 import warnings
@@ -114,30 +113,3 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs: Any) ->
             f"{handle.name} has no transformers rope_type: plain AutoModelForCausalLM.from_pretrained({str(path)!r}) "
             "loads it UNPATCHED; use rope_ext.load or rope_ext.from_pretrained", stacklevel=2,
         )
-
-
-def meta_model(config: Any):
-    """The model's module tree on the meta device (no weight memory); transformers picks the
-    attention implementation the config asks for, or its default for the architecture."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def rope_facts(config: Any) -> dict[str, Any]:
-    """Family, per-table RopeSpec and attention implementation of the (unpatched) model a config
-    describes. A saved patched config is read as ``rope_ext.load`` reads it: its specs come from the
-    ``original_rope_parameters`` and trained length kept in the ``rope_ext`` block."""
-    from rope_ext.patch import model_specs
-    from rope_ext.patches import family_for
-
-    block = getattr(config, "rope_ext", None) or {}
-    base_config = copy.deepcopy(config)
-    if block.get("original_rope_parameters") is not None:
-        base_config.rope_parameters = copy.deepcopy(block["original_rope_parameters"])
-    model = meta_model(base_config)
-    family = family_for(model)
-    trained = block.get("params", {}).get("original_max_position_embeddings")
-    specs = model_specs(model, family, trained)
-    return {"family": family, "specs": specs, "attn_implementation": model.config._attn_implementation}

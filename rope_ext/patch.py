@@ -19,13 +19,60 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import attention, fused_rotary
+from . import attention, cache, fused_rotary
+from .facts import main_spec, model_specs
 from .methods import registry
-from .methods.base import Method, RopeSpec
+from .methods.base import Method
+from .methods.spec import RopeSpec
 from .recorder import Recorder
 from .rotary import resolve_kernel
 
 ATTR = "rope_ext_patch"
+
+
+def patch(model: nn.Module, method: str, *, replace: bool = False, kernel: str = "auto",
+          train_attention: Any = None, **params: Any) -> Patch:
+    """Turn ``method`` on in ``model`` (in place) and return the Patch handle.
+
+    ``params`` are the method's own (``factor`` / ``target_length``, ``window``, ``logn`` ...; see
+    ``rope-ext methods``). ``replace=True`` swaps an active patch; ``kernel`` picks the rotary
+    implementation ("auto": Triton on CUDA, torch elsewhere): with Triton, methods that rotate in
+    rope_ext's attention function use the fused kernel there, and static frequency methods route the
+    model's own ``apply_rotary_pos_emb`` through it (``rope_ext.fused_rotary``);
+    ``train_attention`` is an attention pattern used only in training mode (LongLoRA's S2-Attn).
+    Everything is validated before the model is touched; on any error the model is unchanged.
+    """
+    old = current(model)
+    if old is not None and not replace:
+        raise ValueError(f"model is already patched with {old.describe()}; call rope_ext.unpatch(model) first or pass replace=True")
+    family, bound, specs, kernel = _resolve(model, method, kernel, train_attention, params)
+    if old is not None:
+        unpatch(model)
+    return _apply(model, family, bound, specs, kernel, train_attention)
+
+
+def unpatch(model: nn.Module) -> None:
+    """Restore ``model`` exactly as it was before ``patch`` (buffers, config, attention choice)."""
+    handle = current(model)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by rope_ext; nothing to unpatch")
+    handle.recorder.undo()
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, method: str, **params: Any) -> Iterator[Patch]:
+    """``with rope_ext.patched(model, "yarn", factor=8): ...`` -- patch, then always unpatch."""
+    handle = patch(model, method, **params)
+    try:
+        yield handle
+    finally:
+        if current(model) is handle:
+            unpatch(model)
+
+
+def current(model: nn.Module) -> Patch | None:
+    """The active Patch of ``model``, or None."""
+    return model.__dict__.get(ATTR)
 
 
 @dataclass
@@ -48,9 +95,27 @@ class Patch:
         return f"{self.name}({params}) on {self.family}" + (f" via {self.attn_implementation}" if self.attn_implementation else "")
 
 
-def current(model: nn.Module) -> Patch | None:
-    """The active Patch of ``model``, or None."""
-    return model.__dict__.get(ATTR)
+def _resolve(model: nn.Module, method: str, kernel: str, train_attention: Any, params: dict[str, Any]):
+    from rope_ext.patches import family_for
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    device = next(model.parameters()).device
+    kernel = resolve_kernel(kernel, device)
+    family = family_for(model)
+    built = build_method(method, params)
+    specs = model_specs(model, family, built.original_max_position_embeddings)
+    bound = built.bind(main_spec(specs))
+    specs = {lt: dataclasses.replace(s, trained_length=bound.trained_length) for lt, s in specs.items()}
+    if (bound.needs_attention_hook or train_attention is not None) and not family.attention_interface:
+        raise ValueError(f"{method} changes attention, but {family.name} does not use transformers' AttentionInterface; "
+                         f"only static frequency methods apply: {', '.join(n for n in registry.names() if registry.get(n).rotation == 'static' and registry.get(n).kind == 'frequency')}")
+    if train_attention is not None:
+        if bound.kind != "frequency" or bound.cache_policy() is not None:
+            raise ValueError(f"train_attention combines with frequency methods only (without a cache policy), not {bound.name}")
+        if not callable(getattr(train_attention, "attend", None)):
+            raise TypeError("train_attention must have an attend(query, key, value, causal) method")
+    return family, bound, specs, kernel
 
 
 def build_method(method: str, params: dict[str, Any]) -> Method:
@@ -69,40 +134,41 @@ def build_method(method: str, params: dict[str, Any]) -> Method:
         raise
 
 
-def model_specs(model: nn.Module, family, trained_length: int | None = None) -> dict[str | None, RopeSpec]:
-    """RopeSpec per rotary table of the model (one, or one per layer type); ``trained_length``
-    overrides what the config says."""
-    config = model.config
-    rotaries = family.rotary_modules(model)
-    if not rotaries:
-        raise ValueError(f"{type(model).__name__} has no rotary embedding module; it does not use RoPE")
-    rotary = rotaries[0]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    specs = {}
-    for layer_type in family.layer_types(rotary):
-        params = family.rope_parameters(config, layer_type)
-        trained = trained_length or params.get("original_max_position_embeddings") or getattr(config, "max_position_embeddings", None)
-        if not trained:
-            raise ValueError(
-                "the model's trained length is unknown: config has neither max_position_embeddings nor "
-                "rope_parameters['original_max_position_embeddings']; pass original_max_position_embeddings="
-            )
-        inv_freq = getattr(rotary, f"{family.buffer_prefix(layer_type)}original_inv_freq")
-        specs[layer_type] = RopeSpec(
-            rope_theta=float(params["rope_theta"]), rotary_dim=2 * inv_freq.numel(),
-            trained_length=int(trained), head_dim=int(head_dim), num_heads=int(config.num_attention_heads),
-        )
-    return specs
-
-
-def _model_configs(model: nn.Module) -> list[Any]:
-    seen, configs = set(), []
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation") and id(config) not in seen:
-            seen.add(id(config))
-            configs.append(config)
-    return configs
+def _apply(model, family, method: Method, specs, kernel: str, train_attention: Any) -> Patch:
+    rec = Recorder()
+    try:
+        attn_name = None
+        if method.rotates == "static":
+            _write_frequencies(rec, model, family, method, specs)
+        if method.needs_attention_hook or train_attention is not None:
+            base = model.config._attn_implementation or "eager"
+            attn_name = attention.register(base)
+            runtime = attention.Runtime(method=method, specs=specs, train_attention=train_attention, rotary_kernel=kernel)
+            for rotary in family.rotary_modules(model):
+                if method.rotates == "static":
+                    forward = _observing_forward(rotary, runtime)
+                else:
+                    forward = _identity_forward(rotary, runtime, next(iter(specs.values())).rotary_dim)
+                rec.setattr(rotary, "forward", forward)
+            for module in family.attention_modules(model):
+                rec.setattr(module, "rope_ext_runtime", runtime)
+                rec.setattr(module, "rope_ext_layer_type", family.layer_type_of(module))
+            for config in _model_configs(model):
+                rec.setattr(config, "_attn_implementation_internal", attn_name)
+            policy = method.cache_policy()
+            if policy is not None:
+                cache.install(rec, model, policy, runtime.note_cache)
+        if method.rotates == "static" and kernel == "triton":
+            fused_rotary.install(rec, family, model, kernel)
+        elif method.rotates != "static":
+            fused_rotary.install(rec, family, model, fused_rotary.IDENTITY)
+        _write_config(rec, model, family, method, specs)
+        handle = Patch(method=method, family=family.name, specs=specs, attn_implementation=attn_name, kernel=kernel, recorder=rec)
+        rec.setattr(model, ATTR, handle)
+        return handle
+    except BaseException:
+        rec.undo()
+        raise
 
 
 def _identity_forward(rotary: nn.Module, runtime: attention.Runtime, rotary_dim: int):
@@ -172,99 +238,11 @@ def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def patch(model: nn.Module, method: str, *, replace: bool = False, kernel: str = "auto",
-          train_attention: Any = None, **params: Any) -> Patch:
-    """Turn ``method`` on in ``model`` (in place) and return the Patch handle.
-
-    ``params`` are the method's own (``factor`` / ``target_length``, ``window``, ``logn`` ...; see
-    ``rope-ext methods``). ``replace=True`` swaps an active patch; ``kernel`` picks the rotary
-    implementation ("auto": Triton on CUDA, torch elsewhere): with Triton, methods that rotate in
-    rope_ext's attention function use the fused kernel there, and static frequency methods route the
-    model's own ``apply_rotary_pos_emb`` through it (``rope_ext.fused_rotary``);
-    ``train_attention`` is an attention pattern used only in training mode (LongLoRA's S2-Attn).
-    Everything is validated before the model is touched; on any error the model is unchanged.
-    """
-    old = current(model)
-    if old is not None and not replace:
-        raise ValueError(f"model is already patched with {old.describe()}; call rope_ext.unpatch(model) first or pass replace=True")
-    family, bound, specs, kernel = _resolve(model, method, kernel, train_attention, params)
-    if old is not None:
-        unpatch(model)
-    return _apply(model, family, bound, specs, kernel, train_attention)
-
-
-def unpatch(model: nn.Module) -> None:
-    """Restore ``model`` exactly as it was before ``patch`` (buffers, config, attention choice)."""
-    handle = current(model)
-    if handle is None:
-        raise ValueError(f"{type(model).__name__} is not patched by rope_ext; nothing to unpatch")
-    handle.recorder.undo()
-
-
-@contextlib.contextmanager
-def patched(model: nn.Module, method: str, **params: Any) -> Iterator[Patch]:
-    """``with rope_ext.patched(model, "yarn", factor=8): ...`` -- patch, then always unpatch."""
-    handle = patch(model, method, **params)
-    try:
-        yield handle
-    finally:
-        if current(model) is handle:
-            unpatch(model)
-
-
-def _resolve(model: nn.Module, method: str, kernel: str, train_attention: Any, params: dict[str, Any]):
-    from rope_ext.patches import family_for
-
-    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    device = next(model.parameters()).device
-    kernel = resolve_kernel(kernel, device)
-    family = family_for(model)
-    built = build_method(method, params)
-    specs = model_specs(model, family, built.original_max_position_embeddings)
-    main_spec = specs.get("full_attention") or next(iter(specs.values()))
-    bound = built.bind(main_spec)
-    specs = {lt: dataclasses.replace(s, trained_length=bound.trained_length) for lt, s in specs.items()}
-    if (bound.needs_attention_hook or train_attention is not None) and not family.attention_interface:
-        raise ValueError(f"{method} changes attention, but {family.name} does not use transformers' AttentionInterface; "
-                         f"only static frequency methods apply: {', '.join(n for n in registry.names() if registry.get(n).rotation == 'static' and registry.get(n).kind == 'frequency')}")
-    if train_attention is not None:
-        if bound.kind != "frequency":
-            raise ValueError(f"train_attention combines with frequency methods only, not {method}")
-        if not callable(getattr(train_attention, "attend", None)):
-            raise TypeError("train_attention must have an attend(query, key, value, causal) method")
-    return family, bound, specs, kernel
-
-
-def _apply(model, family, method: Method, specs, kernel: str, train_attention: Any) -> Patch:
-    rec = Recorder()
-    try:
-        attn_name = None
-        if method.rotation == "static":
-            _write_frequencies(rec, model, family, method, specs)
-        if method.needs_attention_hook or train_attention is not None:
-            base = model.config._attn_implementation or "eager"
-            attn_name = attention.register(base)
-            runtime = attention.Runtime(method=method, specs=specs, train_attention=train_attention, rotary_kernel=kernel)
-            for rotary in family.rotary_modules(model):
-                if method.rotation == "static":
-                    forward = _observing_forward(rotary, runtime)
-                else:
-                    forward = _identity_forward(rotary, runtime, next(iter(specs.values())).rotary_dim)
-                rec.setattr(rotary, "forward", forward)
-            for module in family.attention_modules(model):
-                rec.setattr(module, "rope_ext_runtime", runtime)
-                rec.setattr(module, "rope_ext_layer_type", family.layer_type_of(module))
-            for config in _model_configs(model):
-                rec.setattr(config, "_attn_implementation_internal", attn_name)
-        if method.rotation == "static" and kernel == "triton":
-            fused_rotary.install(rec, family, model, kernel)
-        elif method.rotation != "static":
-            fused_rotary.install(rec, family, model, fused_rotary.IDENTITY)
-        _write_config(rec, model, family, method, specs)
-        handle = Patch(method=method, family=family.name, specs=specs, attn_implementation=attn_name, kernel=kernel, recorder=rec)
-        rec.setattr(model, ATTR, handle)
-        return handle
-    except BaseException:
-        rec.undo()
-        raise
+def _model_configs(model: nn.Module) -> list[Any]:
+    seen, configs = set(), []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation") and id(config) not in seen:
+            seen.add(id(config))
+            configs.append(config)
+    return configs

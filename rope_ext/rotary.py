@@ -1,9 +1,11 @@
-"""Applying rotary position embeddings: the plain torch reference used on every device.
+"""The rotary dispatcher users call: ``apply_rotary`` picks a backend for the device and hands q and
+k to ``rope_ext.kernels.rotary_autograd`` (checks + autograd), which runs that backend's op.
 
 Layout "half" (HF / GPT-NeoX): the rotated pairs are (x_i, x_{i + r/2}); only the first r = 2 *
 len(theta) dims rotate (partial rotary), the rest pass through. RoFormer eq. 34:
     x' = x * cos(m theta) + rotate_half(x) * sin(m theta).
-``apply_rotary`` is the fused path: q and k in one call, Triton on CUDA (rope_ext/kernels).
+``rotate`` is the same torch op rounded as transformers rounds (bitwise its rotation); ``cos_sin``
+makes the tables as transformers' rotary modules do.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 
 import torch
 
-from .kernels.rotary_apply import rotary
+from .kernels.rotary_autograd import BACKENDS, apply_op
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -30,35 +32,15 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float, dty
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
-FEW_CALLS = 1 << 16  # elements below which ``rotate`` takes transformers' own expression (fewest calls)
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, L, d) by cos/sin (B, L, r), r <= d; dims past r are passed through.
+    """Rotate x (B, H, L, d) by cos/sin (B, L, r) as ``cos_sin`` makes them, r <= d; dims past r pass through.
 
     Bitwise what transformers computes, x * cos + rotate_half(x) * sin in x's dtype (the same
-    products and sums, each rounded once): small inputs take that expression; larger ones write
-    x * cos once and subtract / add the half products in place, which moves far fewer bytes
-    (rotate_half's negated copy and concatenation are never made)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    r = cos.shape[-1]
-    if x.numel() < FEW_CALLS:
-        if r == x.shape[-1]:
-            return x * cos + rotate_half(x) * sin
-        x_rot, x_pass = x[..., :r], x[..., r:]
-        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
-    half = r // 2
-    out = torch.empty_like(x)
-    x_rot, out_rot = (x, out) if r == x.shape[-1] else (x[..., :r], out[..., :r])
-    torch.mul(x_rot, cos, out=out_rot)
-    out_rot[..., :half].sub_(x_rot[..., half:] * sin[..., :half])
-    out_rot[..., half:].add_(x_rot[..., :half] * sin[..., half:])
-    if r < x.shape[-1]:
-        out[..., r:] = x[..., r:]
-    return out
+    products and sums, each rounded once): the torch op with ``rounding="each"``, differentiable."""
+    return apply_op(x, None, cos, sin, backend="torch", rounding="each")[0]
 
 
-KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", *BACKENDS)
 
 
 def resolve_kernel(kernel: str, device: torch.device | str) -> str:
@@ -96,6 +78,7 @@ def apply_rotary(
     inplace: bool = False,
     layout: str = "bhtd",
     rotary_dim: int | None = None,
+    rounding: str = "once",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Rotate q (B, Hq, T, d) and k (B, Hk, T, d) in one call; Hq and Hk may differ (GQA / MQA).
 
@@ -107,14 +90,16 @@ def apply_rotary(
     with a KV cache). ``cu_seqlens``: (N+1,) starts of N packed sequences in batch 1; positions restart
     at each start. Rows outside the table are left unrotated. ``layout="bthd"`` takes (B, T, H, d).
     ``inplace``: overwrite q and k. ``kernel``: "auto" (Triton on CUDA, torch elsewhere), "triton",
-    "torch"; all give the same numbers (float32 arithmetic, one rounding). Differentiable in q, k.
+    "torch"; all give the same numbers (float32 arithmetic, one rounding). ``rounding="each"``
+    (torch only; "auto" picks it) rounds every product and sum to the input dtype instead, as
+    transformers does (``rotate``). Differentiable in q, k.
     Returns (q', k'); either input may be None and is returned as None.
     """
     x = q if q is not None else k
     if x is None:
         raise ValueError("q and k are both None: nothing to rotate")
     name = resolve_kernel(kernel, x.device)
-    if kernel == "auto" and x.dtype == torch.float64:
+    if kernel == "auto" and (x.dtype == torch.float64 or rounding == "each"):
         name = "torch"
-    return rotary(q, k, cos, sin, backend_name=name, interleaved=interleaved, offsets=offsets,
-                  cu_seqlens=cu_seqlens, inplace=inplace, layout=layout, rotary_dim=rotary_dim)
+    return apply_op(q, k, cos, sin, backend=name, interleaved=interleaved, offsets=offsets, cu_seqlens=cu_seqlens,
+                    inplace=inplace, layout=layout, rotary_dim=rotary_dim, rounding=rounding)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rope_ext import calc
-from rope_ext.calc_bound import base_grid
+from rope_ext.calc.bound import base_grid
 
 BRUTE_MAX_L = 512
 BRUTE_DIMS = (4, 8, 16)

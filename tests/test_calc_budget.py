@@ -8,7 +8,7 @@ import transformers
 from conftest import make_tiny
 
 from rope_ext import calc
-from rope_ext.calc_budget import causal_pairs
+from rope_ext.calc.budget import causal_pairs
 
 TINY_DEEPSEEK = dict(
     vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,

@@ -2,8 +2,12 @@
 model's own modules and configs, and what ``rope_ext.patch`` accepts."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from conftest import make_tiny
 from rope_ext.patches import family_for
 
 import rope_ext
+from rope_ext import cli
 from rope_ext.cli import main
 from rope_ext.methods import REGISTRY
 from rope_ext.patch import model_specs
@@ -122,3 +127,52 @@ def test_info_method_applicability_matches_what_patch_accepts(model_type, tmp_pa
         else:
             rope_ext.unpatch(model)
             assert row["applies"], f"{row['name']} marked not applicable but patch accepted it"
+
+
+@pytest.mark.parametrize("name", cli.COMMANDS)
+def test_every_command_module_adds_exactly_one_subcommand(name):
+    module = importlib.import_module(f"rope_ext.commands.{name}")
+    sub = argparse.ArgumentParser().add_subparsers()
+    module.add_parser(sub)
+    assert list(sub.choices) == [name.replace("_", "-")]
+    assert callable(module.run)
+
+
+def test_build_parser_registers_every_command():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == [name.replace("_", "-") for name in cli.COMMANDS]
+
+
+def broken_commands(monkeypatch, how: str) -> str:
+    """Add a subcommand whose module is missing, raises while importing, or lacks add_parser."""
+    name = "broken_cmd"
+    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, name))
+    module_name = f"rope_ext.commands.{name}"
+    if how == "raises":
+        real = importlib.import_module
+
+        def import_module(target, *args, **kwargs):
+            if target == module_name:
+                raise RuntimeError("boom at import")
+            return real(target, *args, **kwargs)
+
+        monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    elif how == "no_add_parser":
+        monkeypatch.setitem(sys.modules, module_name, types.ModuleType(module_name))
+    return name
+
+
+@pytest.mark.parametrize("how,cause", [
+    ("missing", "No module named 'rope_ext.commands.broken_cmd'"),
+    ("raises", "RuntimeError: boom at import"),
+    ("no_add_parser", "has no add_parser"),
+])
+def test_a_broken_subcommand_module_fails_loudly_naming_it(monkeypatch, capsys, how, cause):
+    name = broken_commands(monkeypatch, how)
+    with pytest.raises(ImportError, match=f"subcommand '{name}'") as info:
+        cli.build_parser()
+    assert cause in str(info.value)
+    assert main(["methods"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{name}'" in err and cause in err

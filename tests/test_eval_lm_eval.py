@@ -78,7 +78,7 @@ def test_loglikelihood_equals_the_model_patched_by_hand(lab_lm, method, model_ar
 def test_max_length_defaults_to_what_the_method_targets(lab_lm):
     assert get_model("rope_ext")(pretrained=lab_lm, method="pi", factor=3, device="cpu").max_length == 48
     lm = get_model("rope_ext")(pretrained=lab_lm, method="ntk", max_length=80, device="cpu")
-    assert lm.max_length == 80 and lm.rope_ext_params == {"target_length": 80}
+    assert lm.max_length == 80 and lm.rope_ext_params == {"factor": 80 / 16}
     none = get_model("rope_ext")(pretrained=lab_lm, device="cpu")
     assert none.max_length == 16 and rope_ext.current(none.model) is None
 

@@ -15,14 +15,14 @@ from rope_ext.eval.ppl import (
     token_nll,
 )
 from rope_ext.eval.spec import (
-    parse_length,
-    parse_lengths,
     parse_method_params,
     resolve,
     trained_length,
 )
+from rope_ext.lengths import parse_length, parse_lengths
 
 import rope_ext
+from rope_ext.methods import RopeSpec
 
 T = 16
 
@@ -102,8 +102,9 @@ def test_perplexity_records_and_explicit_defaults(model):
     assert [(r["key"]["method"], r["key"]["length"]) for r in recs] == [
         (m, L) for L in (T, 4 * T) for m in ("none", "pi", "leaky_rerope", "sliding_window")]
     by = {(r["key"]["method"], r["key"]["length"]): r for r in recs}
-    assert by[("pi", 4 * T)]["key"]["params"] == {"target_length": 4 * T}
-    assert by[("leaky_rerope", 4 * T)]["key"]["params"] == {"window": T // 2, "k": 7.0}
+    assert by[("pi", 4 * T)]["key"]["params"] == {"factor": 4.0}
+    w = T // 2  # Leaky ReRoPE's k: the farthest distance 4T - 1 maps to at most T - 1
+    assert by[("leaky_rerope", 4 * T)]["key"]["params"] == {"window": w, "k": max(2.0, math.ceil(100 * (4 * T - 1 - w) / (T - 1 - w)) / 100)}
     assert by[("sliding_window", 4 * T)]["key"]["params"] == {"window": T, "stride": T // 2}
     ref = torch.cat([reference_nll(model, d) for d in docs]).double().mean()
     assert math.isclose(by[("none", 4 * T)]["result"]["ppl"], math.exp(ref), rel_tol=1e-5)
@@ -123,17 +124,20 @@ def test_concat_mode_windows_are_consecutive(model):
 def test_length_and_param_parsing():
     assert parse_lengths("1x,2x,16x,300", 128) == [128, 256, 2048, 300]
     assert parse_length("0.5x", 128) == 64
+    assert parse_lengths("32k,1x", 128) == [32768, 128]
     for bad in ("0", "1", "0x", "-3", "abc", "2y"):
         with pytest.raises(ValueError, match="length"):
-            parse_length(bad, 128)
+            parse_length(bad, 128, minimum=2)
     assert parse_method_params(["rerope.window=32", "yarn.beta_fast=16.5", "pi.logn=true"], ["rerope", "yarn", "pi"]) == {
         "rerope": {"window": 32}, "yarn": {"beta_fast": 16.5}, "pi": {"logn": True}}
     with pytest.raises(ValueError, match="METHOD.NAME=VALUE"):
         parse_method_params(["window=3"], ["rerope"])
-    assert resolve("yarn", {"factor": 2.0}, 512, 128) == {"factor": 2.0}
-    assert resolve("ntk", {}, 64, 128) == {"target_length": 128}
-    assert resolve("dynamic_ntk", {}, 512, 128) == {}
-    assert resolve("self_extend", {}, 512, 128) == {"window": 64, "group_size": 4}
+    spec = RopeSpec(rope_theta=1e4, rotary_dim=16, trained_length=128, head_dim=16, num_heads=4)
+    assert resolve("yarn", {"factor": 2.0}, 512, spec) == {"factor": 2.0}
+    assert resolve("ntk", {}, 64, spec) == {"factor": 1.0}
+    assert resolve("dynamic_ntk", {}, 512, spec) == {}
+    group = next(G for G in range(1, 512) if 511 // G + 64 - 64 // G <= 127)  # Self-Extend eq. 3 inside 128
+    assert resolve("self_extend", {}, 512, spec) == {"window": 64, "group_size": group} and group == 8
 
 
 def test_trained_length_prefers_original_max_position_embeddings(model):

@@ -94,7 +94,7 @@ def test_store_appends_durably_and_keys_by_content(tmp_path):
 @pytest.mark.parametrize("bad,match", [
     (dict(methods=["none", "nosuch"]), "unknown method 'nosuch'"),
     (dict(lengths=["1x", "0"]), "at least 2 tokens"),
-    (dict(lengths=["-4"]), "neither tokens"),
+    (dict(lengths=["-4"]), "must be tokens"),
     (dict(method_params={"rerope": {"windw": 4}}), "windw"),
     (dict(method_params={"rerope": {"window": T}}), "window"),
     (dict(method_params={"yarn": {"factor": 2.0}}), "not among the methods"),

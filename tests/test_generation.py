@@ -6,46 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny
-from test_patch_identity import EXTEND
+from registry_suite import case_id, check_cached_generation_equals_recompute, check_training_step, extend_cases, positions
 
 import rope_ext
 from rope_ext._compat import cache_kwarg
 
-FAMILIES = [("llama", "sdpa"), ("phi3", "sdpa"), ("gemma2", "eager")]
+FAMILIES = ["llama", "phi3", "gemma2"]  # plain, partial rotary, softcapped eager attention
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@pytest.mark.parametrize("family,attn", FAMILIES)
-@pytest.mark.parametrize("name,params", EXTEND, ids=[n for n, _ in EXTEND])
-def test_cached_decode_equals_full_recompute(family, attn, name, params):
-    """Dynamic methods re-rotate every cached key with the current length's base (YaRN sec. 3.3:
-    cache keys before RoPE). Deeper layers' cached states were still computed at their own step's
-    length, as in every cached dynamic-scaling implementation, so for them the exact comparison is
-    on one layer; transformers' own dynamic rope fails it (stale keys), see the test below."""
-    from transformers import DynamicCache
-
-    dynamic = rope_ext.methods.get(name).kind == "frequency" and rope_ext.methods.get(name).rotation == "deferred"
-    model = make_tiny(family, attn=attn, num_hidden_layers=1 if dynamic else 2)
-    torch.manual_seed(1)
-    B, L, steps = 2, 56, 6
-    ids = torch.randint(3, 97, (B, L))
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[0, :5] = 0
-    ids[0, :5] = 0
-    pos = positions(mask)
-    with torch.inference_mode(), rope_ext.patched(model, name, **params):
-        cache = DynamicCache(config=model.config)
-        prefix = L - steps
-        model(ids[:, :prefix], attention_mask=mask[:, :prefix], position_ids=pos[:, :prefix], **{cache_kwarg(model): cache}, use_cache=True)
-        for t in range(prefix, L):
-            step = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                         **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
-            full = model(ids[:, :t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, :t + 1]).logits[:, -1]
-            err = (step - full).abs().max().item()
-            assert err <= 1e-4, f"{name} on {family}: step {t}: {err:.2e}"
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", extend_cases(), ids=case_id)
+def test_cached_decode_equals_full_recompute(family, case):
+    name, params = case
+    check_cached_generation_equals_recompute(name, family, params)
 
 
 def test_transformers_native_dynamic_has_stale_keys_and_ours_does_not():
@@ -99,13 +72,7 @@ def test_generate_runs_with_cache_for_attention_methods():
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("name,params", EXTEND, ids=[n for n, _ in EXTEND])
-def test_training_step_under_every_method(name, params):
-    model = make_tiny("llama").train()
-    ids = torch.randint(3, 97, (2, 60))
-    rope_ext.patch(model, name, **params)
-    loss = model(ids, labels=ids).loss
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
+@pytest.mark.parametrize("case", extend_cases(), ids=case_id)
+def test_training_step_under_every_method(case):
+    name, params = case
+    check_training_step(name, "llama", params)

@@ -351,7 +351,7 @@ def test_gpu_backward_matches_torch():
 def test_torch_path_chunks_agree_with_one_pass(monkeypatch, dtype, inplace, layout):
     """The low-precision / in-place torch path works through sequence chunks; any chunking gives
     the same numbers as one pass."""
-    import rope_ext.kernels.rotary_torch as rt
+    import rope_ext.kernels.rotary_ops_torch as rt
 
     torch.manual_seed(11)
     shape = (2, 7, 3, 16) if layout == "bthd" else (2, 3, 7, 16)
@@ -371,11 +371,12 @@ def test_torch_path_chunks_agree_with_one_pass(monkeypatch, dtype, inplace, layo
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("layout", ["bhtd", "bthd"])
 @pytest.mark.parametrize("offsets", ["tensor", "none"])
-def test_torch_small_path_equals_general_path(monkeypatch, dtype, interleaved, layout, offsets):
+@pytest.mark.parametrize("rounding", ["once", "each"])
+def test_torch_small_path_equals_general_path(monkeypatch, dtype, interleaved, layout, offsets, rounding):
     """Decode-sized inputs take a few-calls path (q and k concatenated, the tables' first half viewed
-    in place); it performs the same float32 operations as the general path, forward and backward,
-    so the results are identical."""
-    import rope_ext.kernels.rotary_torch as rt
+    in place); it performs the same operations as the general path in either rounding, forward and
+    backward, for q and k together or alone, so the results are identical."""
+    import rope_ext.kernels.rotary_ops_torch as rt
 
     torch.manual_seed(12)
     q0, k0 = torch.randn(3, 4, 2, 16).to(dtype), torch.randn(3, 2, 2, 16).to(dtype)
@@ -390,9 +391,24 @@ def test_torch_small_path_equals_general_path(monkeypatch, dtype, interleaved, l
     for small in (1 << 30, 0):
         monkeypatch.setattr(rt, "SMALL", small)
         q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-        outs = apply_rotary(q, k, cos, sin, kernel="torch", interleaved=interleaved, layout=layout,
-                            offsets=torch.tensor([0, 3, 4]) if offsets == "tensor" else None)
+        kw = dict(kernel="torch", interleaved=interleaved, layout=layout, rounding=rounding,
+                  offsets=torch.tensor([0, 3, 4]) if offsets == "tensor" else None)
+        outs = apply_rotary(q, k, cos, sin, **kw)
         torch.autograd.backward(outs, g)
-        results.append((*outs, q.grad, k.grad))
+        with torch.no_grad():
+            alone = apply_rotary(q0, None, cos, sin, **kw)[0], apply_rotary(None, k0, cos, sin, **kw)[1]
+        results.append((*outs, q.grad, k.grad, *alone))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+    assert torch.equal(results[0][0], results[0][4]) and torch.equal(results[0][1], results[0][5])
+
+
+def test_rounding_each_is_the_torch_ops_alone():
+    """The Triton op rounds once; rounding="each" is refused there and sends "auto" to torch."""
+    device = "cuda" if CUDA else "cpu"
+    q = torch.randn(1, 2, 3, 8, device=device, dtype=torch.bfloat16)
+    cos, sin = tables(8, 3, torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="rounds once"):
+        apply_rotary(q, None, cos, sin, kernel="triton", rounding="each")
+    auto = apply_rotary(q, None, cos, sin, rounding="each")[0]
+    assert torch.equal(auto, apply_rotary(q, None, cos, sin, kernel="torch", rounding="each")[0])

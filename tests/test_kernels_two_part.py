@@ -1,5 +1,5 @@
 """The merged two-part attention (two SDPA calls + log-sum-exp merge) equals the query-blocked
-reference ``rope_ext.two_part.two_part_attention`` on random inputs.
+reference ``rope_ext.kernels.two_part_reference.two_part_attention`` on random inputs.
 
 Tolerance: float32 1e-5 (both sides sum the same terms in a different order); bfloat16 2e-2
 (each side rounds its partial outputs to bf16). Cases: windows 1, small, and >= the length; GQA,
@@ -17,7 +17,7 @@ from rope_ext.kernels.two_part_merged import (
     sdpa_lse,
     two_part_attention_merged,
 )
-from rope_ext.two_part import two_part_attention
+from rope_ext.kernels.two_part_reference import two_part_attention
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 

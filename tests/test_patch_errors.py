@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
-from test_patch_identity import assert_same, snapshot
+from conftest import METHODS, make_tiny, method_params
+from registry_suite import assert_same, snapshot
 
 import rope_ext
 
@@ -36,6 +36,17 @@ def test_bad_parameters_leave_model_untouched(args, params, exc, match):
     before = snapshot(model)
     with pytest.raises(exc, match=match):
         rope_ext.patch(model, *args, **params)
+    assert rope_ext.current(model) is None
+    assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_rejects_an_unknown_parameter_untouched(name):
+    model = make_tiny("llama")
+    params = method_params(name, model, 80)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=f"{name}: unknown parameter.*no_such_parameter; allowed: .*logn"):
+        rope_ext.patch(model, name, **params, no_such_parameter=1)
     assert rope_ext.current(model) is None
     assert_same(before, snapshot(model))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import METHODS, main_spec, make_tiny, method_params
 
 import rope_ext
 
@@ -27,13 +27,22 @@ def test_patched_equals_native_rope_parameters(family, name, params, native):
     assert torch.allclose(ours, reference(ids).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,params", [("pi", {"factor": 4.0}), ("yarn", {"factor": 4.0}), ("ntk", {"factor": 4.0}), ("llama3", {"factor": 4.0})])
-def test_save_then_plain_from_pretrained_reproduces(tmp_path, name, params):
+def saves_natively(name: str) -> bool:
+    """A static method whose formula is one of transformers' rope types: a plain load reproduces it."""
+    cls = rope_ext.methods.get(name)
+    model = make_tiny("llama")
+    spec = main_spec(model)
+    method = cls(**method_params(name, model, 90)).bind(spec)
+    return cls.rotation == "static" and not method.needs_attention_hook and method.native_rope_parameters(spec) is not None
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if saves_natively(n)])
+def test_save_then_plain_from_pretrained_reproduces(tmp_path, name):
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(3, 97, (1, 90))
     model = make_tiny("llama")
-    rope_ext.patch(model, name, **params)
+    rope_ext.patch(model, name, **method_params(name, model, 90))
     expected = model(ids).logits
     rope_ext.save_pretrained(model, tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()

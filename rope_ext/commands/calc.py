@@ -8,18 +8,20 @@
   rope-ext calc kv MODEL --lengths 8k,32k,128k [--batch-size 1] [--dtype bfloat16] [--json]
       KV-cache bytes and attention FLOPs per length (MHA, GQA, MQA, MLA)
 
-Lengths take k = 1024 and M = 1048576 suffixes (32k = 32768). MODEL is a local checkpoint
-directory (its config.json is enough), a .gguf file, or the alias smollm2.
+Lengths are tokens (32768), k = 1024 tokens (32k), M = 2^20 tokens (1M), or, where there is a MODEL,
+multiples of its trained length (4x); see rope_ext.lengths. MODEL is a local checkpoint directory
+(its config.json is enough), a .gguf file, or the alias smollm2.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import textwrap
 from pathlib import Path
 from typing import Any
+
+from rope_ext.lengths import parse_lengths
 
 DEFAULT_LENGTHS = "1k,2k,4k,8k,16k,32k,64k,128k"
 
@@ -30,7 +32,7 @@ def add_parser(subparsers) -> None:
     sub = parser.add_subparsers(dest="calc_command", metavar="WHAT", required=True)
 
     bound = sub.add_parser("bound", help="lower bound of the RoPE base per context length (Men et al. 2024)")
-    bound.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"comma-separated context lengths (default {DEFAULT_LENGTHS})")
+    bound.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"comma-separated context lengths: tokens, 32k, 1M (default {DEFAULT_LENGTHS})")
     bound.add_argument("--head-dim", type=int, default=128, help="rotary head dimension d (even; default 128)")
     bound.add_argument("--per-decade", type=int, default=100, help="bases scanned per factor of 10 (default 100)")
     bound.add_argument("--plot", metavar="PNG", help="write a log-log plot of the bound against L to this .png")
@@ -39,7 +41,7 @@ def add_parser(subparsers) -> None:
 
     model = sub.add_parser("model", help="what a target length needs and costs on a model")
     model.add_argument("model", metavar="MODEL", help="local checkpoint directory, .gguf file, or alias (smollm2)")
-    model.add_argument("--target-length", required=True, help="target context length (tokens, e.g. 32768 or 32k)")
+    model.add_argument("--target-length", required=True, help="target context length: tokens (32768, 32k) or a multiple of the model's trained length (4x)")
     model.add_argument("--method", action="append", default=None, help="only these methods (repeat or comma-separate)")
     model.add_argument("--bound", action="store_true", help="also scan the Men et al. base bound (seconds)")
     _budget_args(model)
@@ -47,7 +49,7 @@ def add_parser(subparsers) -> None:
 
     kv = sub.add_parser("kv", help="KV-cache bytes and attention FLOPs per length")
     kv.add_argument("model", metavar="MODEL", help="local checkpoint directory, .gguf file, or alias (smollm2)")
-    kv.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"comma-separated lengths (default {DEFAULT_LENGTHS})")
+    kv.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"comma-separated lengths: tokens, 32k, or multiples of the trained length, 4x (default {DEFAULT_LENGTHS})")
     _budget_args(kv)
     kv.set_defaults(func=run)
 
@@ -56,24 +58,6 @@ def _budget_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="sequences in the batch (default 1)")
     parser.add_argument("--dtype", default="bfloat16", help="cache dtype name (bfloat16, float32, fp8, int4 ...) or bytes per element")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-
-
-def parse_length(text: str, name: str = "length") -> int:
-    """``32768``, ``32k`` (x1024) or ``1M`` (x1048576) -> tokens; anything else is a ValueError."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", str(text))
-    if not match:
-        raise ValueError(f"{name} must be a positive integer of tokens, optionally with k or M (32k = 32768), got {text!r}")
-    value = int(match.group(1)) * {"": 1, "k": 1024, "m": 1 << 20}[match.group(2).lower()]
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1 token, got {text!r}")
-    return value
-
-
-def parse_lengths(text: str) -> list[int]:
-    parts = [p for p in str(text).split(",") if p.strip()]
-    if not parts:
-        raise ValueError(f"--lengths must list at least one length, got {text!r}")
-    return sorted({parse_length(p) for p in parts})
 
 
 def parse_dtype(text: str) -> str | float:
@@ -178,6 +162,16 @@ def parse_methods(requested: list[str] | None) -> list[str] | None:
     return names
 
 
+def known_trained_length(config: Any) -> int | None:
+    """The model's trained length for ``4x`` lengths, or None where its config does not give one."""
+    from rope_ext.facts import trained_length
+
+    try:
+        return trained_length(config)
+    except ValueError:
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     from rope_ext import calc
     from rope_ext.models import load_config
@@ -191,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         bounds = calc.base_lower_bounds(lengths, head_dim, per_decade=args.per_decade, progress=not args.json)
         records = [b.to_dict() for b in bounds]
         if args.plot:
-            from rope_ext.calc_plot import plot_base_bounds
+            from rope_ext.calc.plot import plot_base_bounds
 
             plot_base_bounds(bounds, args.plot)
         print(json.dumps(records, indent=2) if args.json else render_bounds(records) + (f"\nplot: {args.plot}" if args.plot else ""))
@@ -200,15 +194,16 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(args.batch_size, bool) or args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.calc_command == "model":
-        target, methods = parse_length(args.target_length, "--target-length"), parse_methods(args.method)
+        methods = parse_methods(args.method)
         config = load_config(args.model)
-        info = {"model": str(args.model), **calc.analyze_model(config, target, batch_size=args.batch_size, dtype=dtype, bound=args.bound)}
+        info = {"model": str(args.model), **calc.analyze_model(config, args.target_length, batch_size=args.batch_size, dtype=dtype,
+                                                               bound=args.bound, length_name="--target-length")}
         if methods:
             info["recommendations"] = [r for r in info["recommendations"] if r["method"] in methods]
         print(json.dumps(info, indent=2) if args.json else render_model(info, args.batch_size, dtype))
         return 0
-    lengths = parse_lengths(args.lengths)
     config = load_config(args.model)
+    lengths = parse_lengths(args.lengths, known_trained_length(config))
     shape = calc.attention_shape(config)
     rows = [calc.budget(shape, n, args.batch_size, dtype) for n in lengths]
     if args.json:

@@ -15,7 +15,8 @@ DEFAULT_METHODS = "none,pi,ntk,yarn,rerope,leaky_rerope"
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a checkpoint directory (e.g. from `rope-ext pretrain`), a .gguf, or smollm2")
     p.add_argument("--run-dir", required=True, help="directory for results.jsonl, config.json, env.json and the report")
-    p.add_argument("--lengths", default="1x,2x,4x,8x,16x", help="tokens or multiples of the trained length, comma-separated (default: 1x,2x,4x,8x,16x)")
+    p.add_argument("--lengths", default="1x,2x,4x,8x,16x", help="comma-separated lengths: tokens (2048, 32k, 1M) or multiples of the trained length (4x); "
+                   "see rope_ext.lengths (default: 1x,2x,4x,8x,16x)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated method names; 'none' = the model as loaded (default: {DEFAULT_METHODS})")
     p.add_argument("--method-params", nargs="*", default=[], metavar="METHOD.NAME=VALUE",
                    help="e.g. rerope.window=32 yarn.beta_fast=16; defaults (factor = length / trained length ...) are recorded")

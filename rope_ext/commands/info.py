@@ -12,7 +12,7 @@ import copy
 import json
 from typing import Any
 
-from rope_ext.models import rope_facts
+from rope_ext.facts import config_facts, main_spec
 
 
 def add_parser(subparsers) -> None:
@@ -54,10 +54,9 @@ def gather(model: str) -> dict[str, Any]:
     from rope_ext.models import load_config
 
     config = load_config(model)
-    facts = rope_facts(config)
+    facts = config_facts(config)
     family, specs = facts["family"], facts["specs"]
-    main_key = "full_attention" if "full_attention" in specs else next(iter(specs))
-    main = specs[main_key]
+    main = main_spec(specs)
     configured = getattr(config, "_attn_implementation", None)
     tables = {str(lt): {"rope_theta": s.rope_theta, "rotary_dim": s.rotary_dim, "trained_length": s.trained_length}
               for lt, s in specs.items()} if len(specs) > 1 else None

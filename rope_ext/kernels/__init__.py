@@ -1,11 +1,13 @@
-"""Kernels: fused rotary embedding (Triton, with a plain torch twin) and the merged two-part attention.
+"""Kernels: the rotary ops (Triton and torch) with their autograd layer, and the two-part attention.
 
-Nothing here knows about transformers or models. Three thin layers, as in flash-attn's rotary:
-``rotary_triton.rotary_triton`` / ``rotary_torch.rotary_torch`` (the computation, one signature),
-``rotary_apply.rotary`` (argument checks and the autograd Function), and
-``rope_ext.rotary.apply_rotary`` (the public dispatcher). ``two_part_merged`` is ReRoPE's near/far
-attention from two SDPA calls. Triton is imported only when the Triton backend is first used.
+Nothing here knows about transformers or models, and nothing here imports from above this package.
+The rotary is three thin layers, as in flash-attn's: ``rotary_ops_triton.rotary_op`` /
+``rotary_ops_torch.rotary_op`` (the ops: the computation, one signature; the torch op also has
+transformers' rounding, ``rounding="each"``), ``rotary_autograd.apply_op`` (argument checks, the
+autograd Function and the backend table), and ``rope_ext.rotary.apply_rotary`` (the dispatcher users
+call). ``two_part_merged`` is ReRoPE's near/far attention from two SDPA calls, ``two_part_reference``
+its query-blocked reference. Triton is imported only when the Triton backend is first used.
 """
-from .rotary_apply import RotaryFunction, check_args, rotary
+from .rotary_autograd import BACKENDS, RotaryFunction, apply_op, check_args
 
-__all__ = ["RotaryFunction", "check_args", "rotary"]
+__all__ = ["BACKENDS", "RotaryFunction", "apply_op", "check_args"]

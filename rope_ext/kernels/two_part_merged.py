@@ -1,6 +1,6 @@
 """Two-part attention (ReRoPE family) from two SDPA calls merged by log-sum-exp: no score matrix.
 
-The reference (``rope_ext.two_part.two_part_attention``) builds the near and far scores of every
+The reference (``two_part_reference.two_part_attention``) builds the near and far scores of every
 query block and picks one per (i, j). Since each key is either near (0 <= p_i - p_j < w) or far, the
 softmax over all keys splits into a softmax over the near keys (near q/k) and one over the far keys
 (far q/k), recombined with their log-sum-exps (the merge used by flash-decoding and blockwise /
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..two_part import two_part_attention
+from .two_part_reference import two_part_attention
 
 
 def _eager_lse(q, k, v, mask, causal, scaling):
@@ -126,32 +126,48 @@ def two_part_attention_merged(
     softcap: float | None = None,
     block_size: int = 512,
 ) -> torch.Tensor:
-    """Same contract and result as ``rope_ext.two_part.two_part_attention`` (see there): q_*
+    """Same contract and result as ``two_part_reference.two_part_attention`` (see there): q_*
     (B, H, Lq, d), k_* and value (B, Hkv, Lk, d) with Hkv dividing H, keys index-aligned with the
     queries (the last Lq keys are theirs); returns (B, Lq, H, dv)."""
     _check(q_near, k_near, q_far, k_far, value, q_pos, k_pos, window, block_size)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_near, k_near, q_far, k_far, value))
     if softcap is not None or needs_grad:
         return two_part_attention(q_near, k_near, q_far, k_far, value, q_pos, k_pos, window, allowed, scaling, softcap, block_size)
-    B, H, Lq, _ = q_near.shape
-    Hkv, Lk = k_near.shape[1], k_near.shape[2]
-    group = H // Hkv
-    offset = Lk - Lq
+    offset = k_near.shape[2] - q_near.shape[2]
     aligned = _aligned(q_pos, k_pos, offset)
-    if Lq == 1 and aligned and allowed is None:
+    if q_near.shape[2] == 1 and aligned and allowed is None:
         return _decode_step(q_near, k_near, q_far, k_far, value, window, scaling)
+    group = q_near.shape[1] // k_near.shape[1]
     kn, kf, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k_near, k_far, value))
+    out, lse_far, far_done = _far_square(q_far, kf, v, window, offset, scaling, aligned and allowed is None)
+    _query_blocks(q_near, kn, q_far, kf, v, q_pos, k_pos, window, allowed, scaling, block_size, aligned, out,
+                  lse_far if far_done else None)
+    return out.transpose(1, 2).contiguous()
+
+
+def _far_square(q_far, kf, v, window: int, offset: int, scaling: float, plain: bool):
+    """(out, far lse, done): with aligned positions and no padding mask, every query's far keys
+    [0, i + offset - window] form one shifted causal square (or one query seeing all of its far
+    keys): one SDPA call, its output written into ``out``. Otherwise nothing is done here."""
+    B, H, Lq, _ = q_far.shape
     out = torch.empty(B, H, Lq, v.shape[-1], dtype=v.dtype, device=v.device)
     lse_far = torch.full((B, H, Lq), float("-inf"), device=v.device)
-    far_done = aligned and allowed is None
-    n_far = Lq + offset - window  # aligned: query i's far keys are [0, i + offset - window]
+    n_far = Lq + offset - window
+    if not plain or not (n_far <= Lq or Lq == 1):
+        return out, lse_far, False
     q0 = min(Lq, max(0, Lq - n_far))  # queries before q0 have no far key
-    if far_done and (n_far <= Lq or Lq == 1):  # a square causal call, or one query that sees all its far keys
-        out[:, :, :q0].zero_()
-        if q0 < Lq:
-            out[:, :, q0:], lse_far[:, :, q0:] = sdpa_lse(q_far[:, :, q0:], kf[:, :, :n_far], v[:, :, :n_far], None, n_far <= Lq, scaling)
-    else:
-        far_done = False
+    out[:, :, :q0].zero_()
+    if q0 < Lq:
+        out[:, :, q0:], lse_far[:, :, q0:] = sdpa_lse(q_far[:, :, q0:], kf[:, :, :n_far], v[:, :, :n_far], None, n_far <= Lq, scaling)
+    return out, lse_far, True
+
+
+def _query_blocks(q_near, kn, q_far, kf, v, q_pos, k_pos, window: int, allowed, scaling: float, block_size: int,
+                  aligned: bool, out: torch.Tensor, lse_far: torch.Tensor | None) -> None:
+    """Per query block: the near part over the keys the window can reach (O(L * w)), the far part
+    unless ``lse_far`` already holds it, merged into ``out`` by log-sum-exp."""
+    Lq = q_near.shape[2]
+    offset = kn.shape[2] - Lq
     starts = range(0, Lq, block_size)
     lows = [max(0, s + offset - window + 1) for s in starts]
     if not aligned:
@@ -159,7 +175,7 @@ def two_part_attention_merged(
     for start, lo in zip(starts, lows):
         end = min(start + block_size, Lq)
         stop = end + offset
-        first = 0 if not far_done else lo
+        first = 0 if lse_far is None else lo
         rel = q_pos[:, None, start:end, None] - k_pos[:, None, None, first:stop]
         keep = rel >= 0
         if allowed is not None:
@@ -167,7 +183,7 @@ def two_part_attention_merged(
         near = keep & (rel < window)
         plain = aligned and allowed is None and end - start == 1  # one aligned query: no key of [lo, stop) is masked
         o_n, l_n = sdpa_lse(q_near[:, :, start:end], kn[:, :, lo:stop], v[:, :, lo:stop], None if plain else near[..., lo - first:], False, scaling)
-        if far_done:
+        if lse_far is not None:
             o_f, l_f = out[:, :, start:end], lse_far[:, :, start:end]
         else:
             hi = stop - window if aligned else stop  # aligned: no far key at or after end + offset - window
@@ -177,7 +193,6 @@ def two_part_attention_merged(
             else:
                 o_f, l_f = o_n.new_zeros(()).expand_as(o_n), torch.full_like(l_n, float("-inf"))
         merge(o_n, l_n, o_f, l_f, out=out[:, :, start:end])
-    return out.transpose(1, 2).contiguous()
 
 
 def _decode_step(q_near, k_near, q_far, k_far, value, window: int, scaling: float) -> torch.Tensor:

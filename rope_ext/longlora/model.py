@@ -14,21 +14,13 @@ import torch
 from torch import nn
 
 import rope_ext
+from rope_ext.facts import main_spec, model_specs, trained_length
 from rope_ext.methods import registry
 
 from .config import FinetuneConfig
 from .s2attn import S2Attn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def trained_length(config: Any) -> int:
-    """The context length a model was trained at: rope_parameters' original_max_position_embeddings
-    if present (the full-attention layers' where layer types differ), else max_position_embeddings."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if params and all(isinstance(v, dict) for v in params.values()):
-        params = params.get("full_attention") or next(iter(params.values()))
-    return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -70,10 +62,10 @@ def check_trainable(model: nn.Module, patterns: tuple[str, ...]) -> None:
                              f"for example: {', '.join(names[:6])}")
 
 
-def method_parameters(config: FinetuneConfig) -> dict[str, Any]:
-    """The position method's parameters: the recipe's, plus target_length when the method scales
-    and neither factor nor target_length was given. Checked here (names, types, ranges) so that a
-    bad one is a ValueError before the model is touched."""
+def method_parameters(config: FinetuneConfig, model: nn.Module) -> dict[str, Any]:
+    """The position method's parameters for the recipe's target length: the recipe's, plus the
+    method's own defaults for that length (``Method.defaults_for``). Checked here (names, types,
+    ranges) so that a bad one is a ValueError before the model is touched."""
     from rope_ext.patch import build_method
 
     cls = registry.get(config.method)
@@ -81,10 +73,7 @@ def method_parameters(config: FinetuneConfig) -> dict[str, Any]:
         frequency = [n for n in registry.names() if registry.get(n).kind == "frequency"]
         raise ValueError(f"method {config.method!r} changes attention; LongLoRA combines S2-Attn with a frequency "
                          f"method: {', '.join(frequency)}")
-    params = dict(config.method_params)
-    fields = getattr(cls, "__dataclass_fields__", {})
-    if "target_length" in fields and not {"factor", "target_length", "base"} & set(params):
-        params["target_length"] = config.target_length
+    params = cls.defaults_for(main_spec(model_specs(model)), config.target_length, **config.method_params)
     try:
         build_method(config.method, params)
     except TypeError as err:
@@ -122,7 +111,7 @@ def prepare(config: FinetuneConfig, model: nn.Module) -> nn.Module:
     if config.target_length < trained:
         raise ValueError(f"target_length={config.target_length} is below the model's trained length {trained}; "
                          "fine-tuning extends the context, give a longer target_length")
-    params = method_parameters(config)
+    params = method_parameters(config, model)
     targets = resolve_targets(model, config.lora_targets) if config.lora else []
     if config.lora:
         check_trainable(model, config.trainable)
@@ -144,10 +133,6 @@ def prepare(config: FinetuneConfig, model: nn.Module) -> nn.Module:
         if any(pattern in name for pattern in config.trainable) and "lora_" not in name:
             p.requires_grad_(True)
     return model.train()
-
-
-def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def merge_and_save(config: FinetuneConfig, state_dict: dict[str, torch.Tensor], path: Path) -> Path:

@@ -16,7 +16,9 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -53,21 +55,75 @@ def memory_gb(device: torch.device) -> float:
 
 
 def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log's records up to ``step`` (a resumed run rewrites the steps after it)."""
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
 
 
+@dataclass(frozen=True)
+class Job:
+    """What every step of one invocation shares: the settings, accelerate's handle (this process's
+    place among ``world`` processes) and the output directory."""
+
+    config: FinetuneConfig
+    accelerator: Any
+    out: Path
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+
+@dataclass(frozen=True)
+class Training:
+    """What the step loop works on: the prepared model, its optimizer and schedule, the trainable
+    parameters (for clipping), the packed sequences and their seeded order."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    data: PackedSequences
+    order: SampleOrder
+
+
 def train(config: FinetuneConfig) -> Path | None:
     """Run (or resume) the fine-tune; returns the merged model's directory, or None when the run
     stopped early (``stop_after``) or ``merge`` is off."""
+    job = start_job(config)
+    files, done = check_inputs(job)
+    model, tokenizer = build_model(config)
+    data, order = build_data(job, tokenizer, files)
+    training = build_training(job, model, data, order)
+    start = resume_or_begin(job, done)
+    end = last_step(config, start)
+    announce(job, training, start, end)
+    run_steps(job, training, start, end)
+    return finish(job, training.model, end)
+
+
+def start_job(config: FinetuneConfig) -> Job:
+    """Start accelerate (mixed precision, gradient accumulation) for this process."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
-    from transformers import get_scheduler
 
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum)
-    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    out = Path(config.output_dir)
+    return Job(config, accelerator, Path(config.output_dir))
+
+
+def check_inputs(job: Job) -> tuple[list[Path], list[tuple[int, Path]]]:
+    """The data files and the complete checkpoints already in ``output_dir``, after every check that
+    needs no model: data and eval corpus exist, ``--resume`` has a matching run to continue, a new
+    run does not overwrite an old one."""
+    config, out = job.config, job.out
     files = collect_files(config.data, config.data_extensions)
     if config.evaluate and config.eval_corpus != "stdlib" and not Path(config.eval_corpus).exists():
         raise FileNotFoundError(f"eval_corpus {config.eval_corpus!r} not found: give 'stdlib', a directory, a .jsonl or a text file")
@@ -75,18 +131,40 @@ def train(config: FinetuneConfig) -> Path | None:
     if config.resume:
         if not done:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-        ckpt.check_resume(out, config, world)
+        ckpt.check_resume(out, config, job.world)
     elif done:
         raise ValueError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it, or choose another output_dir")
+    return files, done
+
+
+def build_model(config: FinetuneConfig) -> tuple[torch.nn.Module, Any]:
+    """Seed every RNG, then load the base model and tokenizer and make it trainable (position
+    method, S2-Attn, LoRA or full fine-tuning)."""
+    from accelerate.utils import set_seed
 
     set_seed(config.seed)
     model, tokenizer = load_base(config)
-    model = prepare(config, model)
-    with accelerator.main_process_first():
-        ids, _ = load_tokens(tokenizer, files, config.text_key, config.cache_dir, show_progress=main)
-    data = PackedSequences(ids, config.target_length)
-    order = SampleOrder(len(data), config.seed)
+    return prepare(config, model), tokenizer
 
+
+def build_data(job: Job, tokenizer: Any, files: list[Path]) -> tuple[PackedSequences, SampleOrder]:
+    """Tokenise the files (the main process first, so that the others read its cache), pack them
+    into sequences of the target length, and fix their seeded order."""
+    config = job.config
+    with job.accelerator.main_process_first():
+        ids, _ = load_tokens(tokenizer, files, config.text_key, config.cache_dir, show_progress=job.is_main)
+    data = PackedSequences(ids, config.target_length)
+    return data, SampleOrder(len(data), config.seed)
+
+
+def build_training(job: Job, model: torch.nn.Module, data: PackedSequences, order: SampleOrder) -> Training:
+    """What the loop works on: AdamW over the trainable parameters and the learning-rate schedule,
+    the model and optimizer wrapped by accelerate; with LoRA (outside FSDP / DeepSpeed) checkpoints
+    keep only the trainable parameters."""
+    from accelerate.utils import DistributedType
+    from transformers import get_scheduler
+
+    config, accelerator = job.config, job.accelerator
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
@@ -94,72 +172,117 @@ def train(config: FinetuneConfig) -> Path | None:
     accelerator.register_for_checkpointing(scheduler)
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED) and config.lora:
         ckpt.keep_trainable_only(accelerator)
+    return Training(model, optimizer, scheduler, params, data, order)
 
-    start = 0
-    if config.resume:
+
+def resume_or_begin(job: Job, done: list[tuple[int, Path]]) -> int:
+    """The first step to run: with ``--resume`` the last complete checkpoint is loaded (model,
+    optimizer, scheduler, RNG states) and the log cut back to it; otherwise the run's settings are
+    written and the log started afresh."""
+    if job.config.resume:
         start, path = done[-1]
-        accelerator.load_state(str(path))
-        if main:
-            _truncate_log(out / LOG, start)
-    elif main:
-        ckpt.write_run_config(out, config, world)
-        (out / LOG).unlink(missing_ok=True)
-    end = min(config.max_steps, start + config.stop_after) if config.stop_after else config.max_steps
-    tokens_per_step = config.batch_size * config.grad_accum * world * config.target_length
-    if main:
-        print(f"fine-tuning {config.model} to {config.target_length} tokens: {len(data)} sequences, {world} process(es), "
-              f"{sum(p.numel() for p in params):,} trainable parameters, steps {start}..{end} of {config.max_steps}", file=sys.stderr)
+        job.accelerator.load_state(str(path))
+        if job.is_main:
+            _truncate_log(job.out / LOG, start)
+        return start
+    if job.is_main:
+        ckpt.write_run_config(job.out, job.config, job.world)
+        (job.out / LOG).unlink(missing_ok=True)
+    return 0
 
-    model.train()
-    bar = tqdm(total=config.max_steps, initial=start, desc="fine-tuning", unit="step", disable=not main)
+
+def last_step(config: FinetuneConfig, start: int) -> int:
+    """The step this invocation stops after: ``max_steps``, or ``stop_after`` steps past ``start``."""
+    return min(config.max_steps, start + config.stop_after) if config.stop_after else config.max_steps
+
+
+def announce(job: Job, training: Training, start: int, end: int) -> None:
+    """One line on stderr (main process): what is trained, on how much data, by how many processes."""
+    if job.is_main:
+        config = job.config
+        print(f"fine-tuning {config.model} to {config.target_length} tokens: {len(training.data)} sequences, {job.world} process(es), "
+              f"{sum(p.numel() for p in training.params):,} trainable parameters, steps {start}..{end} of {config.max_steps}", file=sys.stderr)
+
+
+def run_steps(job: Job, training: Training, start: int, end: int) -> None:
+    """Optimizer steps ``start`` .. ``end``: each logged to train_log.jsonl and the progress bar,
+    a checkpoint every ``save_every`` steps and after the last."""
+    config = job.config
+    tokens_per_step = config.batch_size * config.grad_accum * job.world * config.target_length
+    training.model.train()
+    bar = tqdm(total=config.max_steps, initial=start, desc="fine-tuning", unit="step", disable=not job.is_main)
     for step in range(start, end):
         began = time.perf_counter()
-        total = torch.zeros((), device=accelerator.device)
-        for micro in range(config.grad_accum):
-            numbers = batch_numbers(step, micro, config.grad_accum, rank, world, config.batch_size)
-            batch = data.batch([order(n) for n in numbers]).to(accelerator.device)
-            with accelerator.accumulate(model):
-                loss = model(input_ids=batch, labels=batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            total += loss.detach()
-        mean = accelerator.reduce(total / config.grad_accum, reduction="mean").item()
+        mean = train_step(job, training, step)
         seconds = time.perf_counter() - began
-        record = {"step": step + 1, "loss": mean, "lr": scheduler.get_last_lr()[0],
-                  "tokens_per_s": tokens_per_step / seconds, "memory_gb": memory_gb(accelerator.device)}
-        if main:
-            with (out / LOG).open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{mean:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_gb']:.2f}GB")
-            bar.update(1)
+        record = {"step": step + 1, "loss": mean, "lr": training.scheduler.get_last_lr()[0],
+                  "tokens_per_s": tokens_per_step / seconds, "memory_gb": memory_gb(job.accelerator.device)}
+        if job.is_main:
+            log_step(job.out / LOG, record, bar)
         if (step + 1) % config.save_every == 0 or step + 1 == end:
-            path = ckpt.checkpoint_path(out, step + 1)
-            accelerator.save_state(str(path))
-            accelerator.wait_for_everyone()
-            if main:
-                ckpt.mark_complete(path, step + 1)
-                ckpt.prune(out, config.keep_checkpoints)
+            save_checkpoint(job, step + 1)
     bar.close()
 
+
+def train_step(job: Job, training: Training, step: int) -> float:
+    """One optimizer step of ``grad_accum`` micro-batches (this process's share of the step's
+    sequences); returns the loss averaged over micro-batches and processes."""
+    config, accelerator, model = job.config, job.accelerator, training.model
+    total = torch.zeros((), device=accelerator.device)
+    for micro in range(config.grad_accum):
+        numbers = batch_numbers(step, micro, config.grad_accum, job.rank, job.world, config.batch_size)
+        batch = training.data.batch([training.order(n) for n in numbers]).to(accelerator.device)
+        with accelerator.accumulate(model):
+            loss = model(input_ids=batch, labels=batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(training.params, config.max_grad_norm)
+            training.optimizer.step()
+            if accelerator.sync_gradients:
+                training.scheduler.step()
+            training.optimizer.zero_grad()
+        total += loss.detach()
+    return accelerator.reduce(total / config.grad_accum, reduction="mean").item()
+
+
+def log_step(path: Path, record: dict[str, Any], bar: tqdm) -> None:
+    """Append a step's record to the JSONL log and show it on the progress bar."""
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_gb']:.2f}GB")
+    bar.update(1)
+
+
+def save_checkpoint(job: Job, step: int) -> None:
+    """Save every process's state after ``step``; once all have saved, the main process marks the
+    checkpoint complete and deletes the oldest beyond ``keep_checkpoints``."""
+    path = ckpt.checkpoint_path(job.out, step)
+    job.accelerator.save_state(str(path))
+    job.accelerator.wait_for_everyone()
+    if job.is_main:
+        ckpt.mark_complete(path, step)
+        ckpt.prune(job.out, job.config.keep_checkpoints)
+
+
+def finish(job: Job, model: torch.nn.Module, end: int) -> Path | None:
+    """After the last step: None when stopped early or ``merge`` is off; otherwise the LoRA adapters
+    are merged into a normal checkpoint in ``<output_dir>/model``, whose path is returned (and whose
+    perplexity is measured when ``evaluate`` is on)."""
+    config = job.config
     if end < config.max_steps:
-        if main:
+        if job.is_main:
             print(f"stopped after step {end} of {config.max_steps}; continue with --resume", file=sys.stderr)
         return None
     if not config.merge:
         return None
-    state = accelerator.get_state_dict(model)
-    result = out / "model"
-    if main:
+    state = job.accelerator.get_state_dict(model)
+    result = job.out / "model"
+    if job.is_main:
         merge_and_save(config, state, result)
         print(f"saved the fine-tuned model to {result}", file=sys.stderr)
         if config.evaluate:
             evaluate(config, result)
-    accelerator.wait_for_everyone()
+    job.accelerator.wait_for_everyone()
     return result
 
 

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
 from .base import Method, check_number
+from .context import AttentionContext
 from .registry import register
-
-if TYPE_CHECKING:
-    from ..attention import AttentionContext
 
 
 def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> torch.Tensor:

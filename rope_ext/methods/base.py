@@ -1,41 +1,34 @@
-"""What every method is: a frozen dataclass of validated parameters plus pure formulas.
+"""The method contract: a frozen dataclass of validated parameters that owns its formulas, its
+attention, its cache policy and its defaults. A new method is one file in ``rope_ext/methods/`` with
+one ``@register``; nothing else changes.
 
-A method answers three questions, and nothing else:
+A method answers, and nothing else:
   * ``frequencies(spec, seq_len)``: the inverse frequencies theta_i and the cos/sin magnitude;
   * ``rotation``: who rotates q and k -- the model's own rotary module ("static", zero overhead),
-    our attention function per forward pass from the current length ("deferred": keys are cached
-    unrotated, so a KV cache never holds keys rotated for an older length), or nobody ("none");
-  * ``attend(q, k, v, ctx)``: the attention scores, when the method changes more than frequencies.
-The patch mechanism (``rope_ext.patch``) and the attention seam (``rope_ext.attention``) do the rest.
+    rope_ext's attention function per forward pass ("deferred": keys are cached unrotated, so a KV
+    cache never holds keys rotated for an older length or position), or nobody ("none");
+  * ``attend(q, k, v, ctx)``: the attention output, when the method changes more than frequencies
+    (``ctx``: ``rope_ext.methods.context.AttentionContext``; call ``rope_ext.kernels`` directly);
+  * ``cache_policy()``: what the KV cache keeps and where kept keys sit (``CachePolicy``), or None;
+  * ``defaults_for(spec, length, **given)``: its parameters for a target length (the one source
+    that eval, calc and longlora use, and the example the shared test suite runs).
+The patch (``rope_ext.patch``) and the glue to transformers (``rope_ext.attention``,
+``rope_ext.cache``) do the rest.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-if TYPE_CHECKING:
-    from ..attention import AttentionContext
+from .context import AttentionContext, CachePolicy
+from .logn import logn_scale
+from .spec import RopeSpec
 
 Rotation = Literal["static", "deferred", "none"]
-
-
-@dataclass(frozen=True)
-class RopeSpec:
-    """The family-agnostic facts about a model's RoPE that the formulas need."""
-
-    rope_theta: float
-    rotary_dim: int
-    trained_length: int
-    head_dim: int
-    num_heads: int
-
-    def __post_init__(self) -> None:
-        if self.rotary_dim <= 0 or self.rotary_dim % 2:
-            raise ValueError(f"rotary_dim must be a positive even number, got {self.rotary_dim}")
 
 
 def rope_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -79,15 +72,57 @@ class Method:
             raise ValueError(f"{self.name}: original_max_position_embeddings is not known; bind() the method first")
         return self.original_max_position_embeddings
 
+    @classmethod
+    def defaults_for(cls, spec: RopeSpec, length: int, **given: Any) -> dict[str, Any]:
+        """The parameters this method runs with to reach ``length`` tokens on a model with ``spec``:
+        ``given`` as it is, plus every length-dependent parameter it leaves out. The one source of
+        per-method defaults for eval, calc and longlora; also the example parameters the shared test
+        suite uses for every registered method. Parameters with a fixed default are left to the
+        dataclass. Base methods have none that depend on the length."""
+        check_target_length(cls, length)
+        return dict(given)
+
     def frequencies(self, spec: RopeSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
         """(theta_i, attention_scaling) for this method; plain RoPE by default."""
         return rope_inv_freq(spec.rope_theta, spec.rotary_dim), 1.0
 
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """What the glue calls: log-n query scaling when ``logn``, then ``attend``."""
+        return self.attend(self.scale_query(query, ctx), key, value, ctx)
+
+    def train_attention(self, pattern: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        ctx: AttentionContext) -> torch.Tensor:
+        """A training-only attention ``pattern`` (LongLoRA's S2-Attn: ``pattern.attend(q, k, v, causal)``)
+        over this method's rotation; only frequency methods combine with one (checked at patch time)."""
+        query = self.scale_query(query, ctx)
+        if self.rotates == "deferred":
+            query, key = ctx.rotate(query, ctx.q_pos, "q"), ctx.rotate(key, ctx.k_pos, "k")
+        return pattern.attend(query, key, value, ctx.causal)
+
+    def scale_query(self, query: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Log-n scaling of the queries past the trained length when ``logn`` (``logn.logn_scale``)."""
+        if not self.logn:
+            return query
+        return query * logn_scale(ctx.q_pos, self.trained_length).to(query.dtype)[:, None, :, None]
+
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Attention output (B, Lq, H, d). Default: rotate if deferred, then the model's own attention."""
-        if self.rotation == "deferred":
+        if self.rotates == "deferred":
             query, key = ctx.rotate(query, ctx.q_pos, "q"), ctx.rotate(key, ctx.k_pos, "k")
         return ctx.base(query, key, value)
+
+    def cache_policy(self) -> CachePolicy | None:
+        """What this method's KV cache keeps (``CachePolicy``); None: the model's own cache."""
+        return None
+
+    @property
+    def rotates(self) -> Rotation:
+        """Who rotates for this instance: ``rotation``, except that a cache policy which re-positions
+        keys needs them cached unrotated, so a static method then rotates in the attention function."""
+        policy = self.cache_policy()
+        if self.rotation == "static" and policy is not None and policy.repositions:
+            return "deferred"
+        return self.rotation
 
     def native_rope_parameters(self, spec: RopeSpec) -> dict[str, Any] | None:
         """The ``config.rope_parameters`` of transformers' own rope_type with the same formula, if any."""
@@ -95,7 +130,8 @@ class Method:
 
     @property
     def needs_attention_hook(self) -> bool:
-        return self.rotation != "static" or self.logn or type(self).attend is not Method.attend
+        return (self.rotates != "static" or self.logn or type(self).attend is not Method.attend
+                or self.cache_policy() is not None)
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -108,6 +144,12 @@ class Method:
             default = f.default if f.default is not dataclasses.MISSING else "required"
             rows.append((f.name, str(f.type), default))
         return rows
+
+
+def check_target_length(cls: type[Method], length: int) -> None:
+    """``length`` of ``defaults_for``: a whole number of tokens >= 2 (one prediction)."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"{cls.name}: the target length must be an int >= 2 tokens, got {length!r}")
 
 
 def check_type(method: Method, field: str, kind: type | tuple[type, ...]) -> None:

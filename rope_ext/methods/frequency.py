@@ -107,6 +107,7 @@ class ScaledMethod(Method):
     """A frequency method with a scale factor s = target_length / trained_length."""
 
     min_factor: ClassVar[float] = 1.0
+    dynamic: ClassVar[bool] = False
     factor: float | None = None
     target_length: int | None = None
 
@@ -133,6 +134,15 @@ class ScaledMethod(Method):
                 f"{bound.trained_length} gives factor {derived:g}); give one of them"
             )
         return dataclasses.replace(bound, factor=float(factor))
+
+    @classmethod
+    def defaults_for(cls, spec: RopeSpec, length: int, **given: Any) -> dict[str, Any]:
+        """Scale s = max(1, length / L0) unless a factor, target length or base is given; dynamic
+        methods scale from the current length and keep their factor 1."""
+        params = super().defaults_for(spec, length, **given)
+        if not cls.dynamic and not {"factor", "target_length", "base"} & set(params):
+            params["factor"] = max(1.0, length / (params.get("original_max_position_embeddings") or spec.trained_length))
+        return params
 
     @property
     def s(self) -> float:
@@ -191,6 +201,7 @@ class DynamicNTK(ScaledMethod):
     reference: ClassVar[str] = "emozilla 2023 (Dynamically scaled RoPE); Peng et al. 2023 (YaRN) sec. 3.3"
     rotation: ClassVar[str] = "deferred"
     min_factor: ClassVar[float] = 0.0
+    dynamic: ClassVar[bool] = True
     factor: float | None = 1.0
 
     def frequencies(self, spec: RopeSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
@@ -267,6 +278,7 @@ class DynamicYaRN(YaRNParams):
     summary: ClassVar[str] = "Dynamic YaRN: YaRN with s = max(1, L / L0) at the current length L"
     reference: ClassVar[str] = "Peng et al. 2023 (YaRN) sec. 3.3"
     rotation: ClassVar[str] = "deferred"
+    dynamic: ClassVar[bool] = True
     factor: float | None = 1.0
 
     def frequencies(self, spec: RopeSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .calc_bound import PUBLISHED_BOUNDS_D128, SU_BOUNDS_D128, BaseBound
+from .bound import PUBLISHED_BOUNDS_D128, SU_BOUNDS_D128, BaseBound
 
 
 def plot_base_bounds(bounds: list[BaseBound], path: str | os.PathLike, title: str | None = None) -> Path:

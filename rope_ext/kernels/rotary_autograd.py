@@ -1,10 +1,17 @@
-"""Checked entry point and autograd Function over the two rotary backends ("torch", "triton").
+"""The middle rotary layer: the backend table, the argument checks and the one autograd Function.
+
+Three thin layers, as flash-attn's rotary: the ops (``rotary_ops_torch.rotary_op``,
+``rotary_ops_triton.rotary_op``: the computation, one signature, arguments assumed valid); this
+module (``apply_op``: check everything, then call one backend's op, through ``RotaryFunction`` when
+a gradient is wanted); ``rope_ext.rotary.apply_rotary`` (the dispatcher users call: picks the
+backend for the device).
 
 The gradient of a rotation by theta is the rotation of the gradient by -theta (R(theta)^T =
-R(-theta)), so the backward is the same kernel with ``conjugate=True``. cos/sin are treated as
-constants (no gradient), as in flash-attn and Liger. With ``inplace=True`` q and k are overwritten
-and returned (autograd knows: ``mark_dirty``). Without autograd in play (no_grad, or inputs that do
-not require grad) the backend is called directly, which keeps decoding's host overhead small.
+R(-theta)), so the backward is the same op with ``conjugate=True`` (and the same rounding). cos/sin
+are treated as constants (no gradient), as in flash-attn and Liger. With ``inplace=True`` q and k
+are overwritten and returned (autograd knows: ``mark_dirty``). Without autograd in play (no_grad,
+or inputs that do not require grad) the op is called directly, which keeps decoding's host
+overhead small.
 """
 from __future__ import annotations
 
@@ -13,20 +20,20 @@ from collections.abc import Callable
 
 import torch
 
-from .rotary_torch import rotary_torch
-
+BACKENDS = {"triton": ".rotary_ops_triton", "torch": ".rotary_ops_torch"}  # backend -> module of its rotary_op
+ROUNDINGS = ("once", "each")
 LAYOUTS = ("bhtd", "bthd")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BACKENDS: dict[str, Callable] = {"torch": rotary_torch}
+_OPS: dict[str, Callable] = {}
 
 
-def backend(name: str) -> Callable:
-    """The rotary function of a backend; Triton's module is imported on first use."""
-    fn = _BACKENDS.get(name)
+def op(backend: str) -> Callable:
+    """The backend's ``rotary_op``; its module is imported on first use (Triton's imports triton)."""
+    fn = _OPS.get(backend)
     if fn is None:
-        if name != "triton":
-            raise ValueError(f"rotary backend must be 'torch' or 'triton', got {name!r}")
-        fn = _BACKENDS[name] = importlib.import_module(".rotary_triton", __package__).rotary_triton
+        if backend not in BACKENDS:
+            raise ValueError(f"rotary backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        fn = _OPS[backend] = importlib.import_module(BACKENDS[backend], __package__).rotary_op
     return fn
 
 
@@ -38,10 +45,12 @@ def _shape(x: torch.Tensor, name: str, seq_first: bool) -> tuple[int, int, int]:
     return (b, a1, d) if seq_first else (b, a2, d)
 
 
-def check_args(q, k, cos, sin, rotary_dim, offsets, cu_seqlens, layout) -> int:
+def check_args(q, k, cos, sin, rotary_dim, offsets, cu_seqlens, layout, rounding="once") -> int:
     """Validate everything before any write; returns the rotary dimension r."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     seq_first = layout == "bthd"
     if q is None and k is None:
         raise ValueError("q and k are both None: nothing to rotate")
@@ -97,13 +106,13 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def rotary(
+def apply_op(
     q: torch.Tensor | None,
     k: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
     *,
-    backend_name: str = "torch",
+    backend: str = "torch",
     interleaved: bool = False,
     offsets: int | torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
@@ -111,23 +120,26 @@ def rotary(
     layout: str = "bhtd",
     rotary_dim: int | None = None,
     conjugate: bool = False,
+    rounding: str = "once",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Rotate q and k with the chosen backend; see ``rope_ext.rotary.apply_rotary``."""
-    r = check_args(q, k, cos, sin, rotary_dim, offsets, cu_seqlens, layout)
-    fn = backend(backend_name)
+    """Rotate q and k with ``backend``'s op, checked and differentiable; see ``rope_ext.rotary.apply_rotary``."""
+    r = check_args(q, k, cos, sin, rotary_dim, offsets, cu_seqlens, layout, rounding)
+    fn = op(backend)
     if (q is not None and q.stride(-1) != 1) or (k is not None and k.stride(-1) != 1):
         if inplace:
             raise ValueError("inplace=True needs q and k with a contiguous last dim")
         q = None if q is None else _last_contiguous(q)
         k = None if k is None else _last_contiguous(k)
-    if backend_name == "triton":
+    if backend == "triton":
+        if rounding != "once":
+            raise ValueError(f"the Triton rotary rounds once (float32 arithmetic); rounding={rounding!r} needs kernel='torch'")
         if (q if q is not None else k).dtype not in TRITON_DTYPES:
             raise ValueError(f"the Triton rotary takes {TRITON_DTYPES}, got {(q if q is not None else k).dtype}; use kernel='torch'")
         stride = cos.stride()
         if stride[-1] != 1 or stride != sin.stride():
             cos, sin = cos.contiguous(), sin.contiguous()
     kw = dict(rotary_dim=r, interleaved=interleaved, offsets=offsets, cu_seqlens=cu_seqlens, conjugate=conjugate,
-              inplace=inplace, seq_first=layout == "bthd")
+              inplace=inplace, seq_first=layout == "bthd", rounding=rounding)
     if torch.is_grad_enabled() and ((q is not None and q.requires_grad) or (k is not None and k.requires_grad)):
         return RotaryFunction.apply(q, k, cos, sin, fn, kw)
     return fn(q, k, cos, sin, **kw)

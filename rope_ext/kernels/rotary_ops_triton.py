@@ -1,7 +1,8 @@
-"""Triton rotary: q and k rotated in one launch, each cos/sin row read once per program.
+"""The Triton rotary op: q and k rotated in one launch, each cos/sin row read once per program.
 
-Same formula, arguments and numbers as ``rotary_torch`` (see its docstring). Rotary embedding is
-memory-bound: the floor is reading q, k and the tables once and writing q and k once. The grid is
+Same formula, arguments and numbers as the torch op (``rotary_ops_torch``, see its docstring) with
+rounding="once", the only rounding this op has. Rotary embedding is memory-bound: the floor is
+reading q, k and the tables once and writing q and k once. The grid is
 (blocks of BLOCK_T tokens, batch, head groups); a program loads the float32 cos/sin tile of its
 tokens once and loops over its share of q heads and of k heads, so the tables cost one read per
 program instead of one per head. Positions (offsets, packed sequences) are computed in the kernel,
@@ -125,7 +126,7 @@ def _bht_strides(x: torch.Tensor | None, seq_first: bool) -> tuple[int, int, int
     return (st[0], st[2], st[1]) if seq_first else (st[0], st[1], st[2])
 
 
-def rotary_triton(
+def rotary_op(
     q: torch.Tensor | None,
     k: torch.Tensor | None,
     cos: torch.Tensor,
@@ -138,8 +139,10 @@ def rotary_triton(
     conjugate: bool = False,
     inplace: bool = False,
     seq_first: bool = False,
+    rounding: str = "once",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The Triton twin of ``rotary_torch`` (same arguments, assumed valid; last dims contiguous)."""
+    """The Triton twin of ``rotary_ops_torch.rotary_op`` (same arguments, assumed valid: last dims
+    contiguous, ``rounding`` "once")."""
     x0 = q if q is not None else k
     if seq_first:
         batch, seqlen, _, d = x0.shape

@@ -1,6 +1,6 @@
 """What a context length costs: KV-cache bytes and attention FLOPs for a model config (MHA, GQA,
 MQA, and MLA as in DeepSeek-V2/V3), per dtype and batch size. Pure arithmetic on an
-``AttentionShape`` read once from a transformers config.
+``AttentionShape`` (``rope_ext.calc.model.attention_shape`` reads one from a transformers config).
 
 Conventions (the numbers are only comparable under one):
   * FLOPs count a multiply-add as 2 (as in Kaplan et al. 2020 and the FlashAttention papers).
@@ -18,15 +18,22 @@ Conventions (the numbers are only comparable under one):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .calc_bound import check_length
+from .bound import check_length
 
 BYTES_PER_ELEMENT: dict[str, float] = {
     "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
     "float8": 1, "fp8": 1, "int8": 1, "int4": 0.5,
 }
+
+
+def check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (sequences), got {batch_size!r}")
+    return int(batch_size)
 
 
 def bytes_per_element(dtype: str | float) -> float:
@@ -63,52 +70,6 @@ class AttentionShape:
         return asdict(self)
 
 
-def _int(config: Any, *names: str) -> int | None:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def attention_shape(config: Any) -> AttentionShape:
-    """Read an ``AttentionShape`` from a transformers config (text config of a multimodal one).
-    KV heads: ``num_key_value_heads`` (Llama style), ``num_kv_heads`` (Falcon's new decoder
-    architecture; the old one has 1 with ``multi_query``, else the query heads), else the query heads. Sliding layers: ``layer_types`` entries
-    "sliding_attention" with ``sliding_window`` (Gemma 2/3), or every layer when only
-    ``sliding_window`` is set and ``use_sliding_window`` is not False (Mistral)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers, heads, hidden = (_int(config, "num_hidden_layers", "n_layer"), _int(config, "num_attention_heads", "n_head"),
-                             _int(config, "hidden_size", "n_embd"))
-    missing = [n for n, v in (("num_hidden_layers", layers), ("num_attention_heads", heads), ("hidden_size", hidden)) if v is None]
-    if missing:
-        raise ValueError(f"{type(config).__name__} lacks {', '.join(missing)}; cannot size its attention")
-    window = _int(config, "sliding_window")
-    layer_types = getattr(config, "layer_types", None)
-    if window and layer_types:
-        sliding = sum(1 for t in layer_types if t == "sliding_attention")
-    elif window and getattr(config, "use_sliding_window", True) is not False:
-        sliding = layers
-    else:
-        sliding = 0
-    window = window if sliding else None
-    rank = _int(config, "kv_lora_rank")
-    if rank is not None:
-        rope, nope = _int(config, "qk_rope_head_dim"), _int(config, "qk_nope_head_dim") or 0
-        v_dim = _int(config, "v_head_dim")
-        if rope is None or v_dim is None:
-            raise ValueError(f"{type(config).__name__} has kv_lora_rank (MLA) but lacks qk_rope_head_dim or v_head_dim")
-        return AttentionShape("MLA", layers, heads, heads, nope + rope, v_dim, hidden, rank, rope,
-                              _int(config, "q_lora_rank"), window, sliding)
-    head_dim = _int(config, "head_dim") or hidden // heads
-    if getattr(config, "new_decoder_architecture", None) is False:
-        kv = 1 if getattr(config, "multi_query", False) else heads
-    else:
-        kv = _int(config, "num_key_value_heads", "num_kv_heads") or heads
-    kind = "MHA" if kv == heads else "MQA" if kv == 1 else "GQA"
-    return AttentionShape(kind, layers, heads, kv, head_dim, head_dim, hidden, sliding_window=window, sliding_layers=sliding)
-
-
 def cached_tokens(shape: AttentionShape, length: int) -> int:
     """Sum over layers of the tokens each layer's cache holds after ``length`` tokens: all of them,
     or W - 1 in a sliding layer of window W (the next token attends to those and itself; this is
@@ -123,7 +84,7 @@ def kv_cache_bytes(shape: AttentionShape, length: int, batch_size: int = 1, dtyp
     MHA/GQA/MQA: batch * sum_layers(tokens) * kv_heads * (d_k + d_v) * bytes, which for a model
     without sliding layers is 2 * layers * kv_heads * head_dim * L * bytes * batch;
     MLA (DeepSeek-V2, sec. 2.1.2): batch * layers * L * (kv_lora_rank + qk_rope_head_dim) * bytes."""
-    batch, size = check_length(batch_size, "batch_size"), bytes_per_element(dtype)
+    batch, size = check_batch_size(batch_size), bytes_per_element(dtype)
     tokens = cached_tokens(shape, length)
     if shape.kind == "MLA":
         return batch * tokens * (shape.kv_lora_rank + shape.qk_rope_head_dim) * size
@@ -133,7 +94,7 @@ def kv_cache_bytes(shape: AttentionShape, length: int, batch_size: int = 1, dtyp
 def kv_cache_bytes_decompressed(shape: AttentionShape, length: int, batch_size: int = 1, dtype: str | float = "bfloat16") -> float:
     """KV bytes when every head's K and V are cached in full (for MLA: the decompressed heads, as a
     naive implementation would): batch * sum_layers(tokens) * kv_heads * (d_qk + d_v) * bytes."""
-    batch, size = check_length(batch_size, "batch_size"), bytes_per_element(dtype)
+    batch, size = check_batch_size(batch_size), bytes_per_element(dtype)
     return batch * cached_tokens(shape, length) * shape.num_kv_heads * (shape.qk_head_dim + shape.v_head_dim) * size
 
 
@@ -150,7 +111,7 @@ def attention_flops(shape: AttentionShape, length: int, batch_size: int = 1, cau
     batch * heads * 2 (d_qk + d_v) * pairs, summed over layers; pairs = L (L + 1) / 2 causal
     (L^2 when ``causal=False``). MLA is counted as computed in training / prefill, with decompressed
     heads (d_qk = qk_nope_head_dim + qk_rope_head_dim)."""
-    L, batch = check_length(length), check_length(batch_size, "batch_size")
+    L, batch = check_length(length), check_batch_size(batch_size)
     full_pairs = causal_pairs(L) if causal else L * L
     sliding_pairs = causal_pairs(L, shape.sliding_window) if causal else L * min(L, shape.sliding_window or L)
     pairs = (shape.num_layers - shape.sliding_layers) * full_pairs + shape.sliding_layers * sliding_pairs
@@ -160,7 +121,7 @@ def attention_flops(shape: AttentionShape, length: int, batch_size: int = 1, cau
 def decode_attention_flops(shape: AttentionShape, context: int, batch_size: int = 1) -> float:
     """Score and value FLOPs of generating one token after ``context`` tokens: batch * heads *
     2 (d_qk + d_v) * sum_layers(keys attended), the keys being the cached ones plus its own."""
-    batch = check_length(batch_size, "batch_size")
+    batch = check_batch_size(batch_size)
     keys = cached_tokens(shape, context) + shape.num_layers
     return float(batch * shape.num_heads * 2 * (shape.qk_head_dim + shape.v_head_dim) * keys)
 
@@ -170,7 +131,7 @@ def projection_flops(shape: AttentionShape, length: int, batch_size: int = 1) ->
     MHA/GQA/MQA: q (h -> H d), k and v (h -> kv d), o (H d_v -> h);
     MLA (DeepSeek-V2, sec. 2.1): q (h -> q_lora -> H d_qk, or h -> H d_qk), kv down (h -> kv_lora +
     d_rope), kv up (kv_lora -> H (d_nope + d_v)), o (H d_v -> h)."""
-    L, batch = check_length(length), check_length(batch_size, "batch_size")
+    L, batch = check_length(length), check_batch_size(batch_size)
     h, H = shape.hidden_size, shape.num_heads
     if shape.kind == "MLA":
         q = h * shape.q_lora_rank + shape.q_lora_rank * H * shape.qk_head_dim if shape.q_lora_rank else h * H * shape.qk_head_dim
@@ -186,7 +147,7 @@ def projection_flops(shape: AttentionShape, length: int, batch_size: int = 1) ->
 def budget(shape: AttentionShape, length: int, batch_size: int = 1, dtype: str | float = "bfloat16") -> dict[str, Any]:
     """Every figure above for one length, as plain data (the calculator's table row / JSON)."""
     row = {
-        "length": check_length(length), "batch_size": check_length(batch_size, "batch_size"),
+        "length": check_length(length), "batch_size": check_batch_size(batch_size),
         "bytes_per_element": bytes_per_element(dtype),
         "kv_bytes": kv_cache_bytes(shape, length, batch_size, dtype),
         "attention_flops": attention_flops(shape, length, batch_size),

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
-from .calc_bound import check_base, check_head_dim, check_length
-from .methods.frequency import ntk_base, yarn_correction_dim, yarn_correction_range
+from ..methods.frequency import ntk_base, yarn_correction_dim, yarn_correction_range
+from .bound import check_base, check_head_dim, check_length
 
 
 def check_positive(value: float, name: str, minimum_exclusive: float = 0.0) -> float:

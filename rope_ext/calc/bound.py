@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..lengths import parse_length
+
 # The paper's table of lower bounds for d = 128 (as reproduced by Su 2024), and Su's tighter re-scan
 # of the same definition on a finer grid. Keys are L = 1k .. 1M with k = 1024.
 PUBLISHED_BOUNDS_D128: dict[int, float] = {
@@ -34,7 +36,6 @@ SU_BOUNDS_D128: dict[int, float] = {
     1024: 4.3e3, 2048: 1.2e4, 4096: 2.7e4, 8192: 8.4e4, 16384: 2.3e5, 32768: 6.3e5,
     65536: 2.1e6, 131072: 4.9e6, 262144: 2.4e7, 524288: 5.8e7, 1048576: 6.5e7,
 }
-CI_FIRST_ZERO = 0.6165  # first zero of the cosine integral Ci(x); Su's d -> infinity estimate b >= L / x0
 
 _INNER = 256            # distances per GEMM row: B(m0 + j) = cos(m0 theta) cos(j theta) - sin(m0 theta) sin(j theta)
 _BUDGET = 1 << 22       # float64 elements of B held at once (32 MiB)
@@ -42,10 +43,9 @@ _FIRST_BLOCK = 4096     # distances scanned first; most bases below the bound fa
 _MAX_BLOCK = 1 << 18
 
 
-def check_length(length: int, name: str = "length") -> int:
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
-        raise ValueError(f"{name} must be an integer >= 1 (tokens), got {length!r}")
-    return int(length)
+def check_length(length: int | str, name: str = "length") -> int:
+    """A context length in tokens, in rope_ext's one length syntax (``rope_ext.lengths``: 32768, 32k, 1M)."""
+    return parse_length(length, None, name)
 
 
 def check_head_dim(head_dim: int) -> int:

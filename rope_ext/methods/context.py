@@ -1,0 +1,88 @@
+"""What a method's ``attend`` receives, and what a cache policy decides: transformers-free protocols.
+
+``rope_ext.attention`` (the glue to transformers) builds one ``AttentionContext`` per attention call
+of a patched layer and calls ``method.attention(q, k, v, ctx)``. A method reads positions and the
+mask here, rotates with ``ctx.rotate``, calls the model's own attention with ``ctx.base`` or any
+kernel of ``rope_ext.kernels`` directly, and returns the output. Nothing here imports transformers.
+
+A method that changes what the KV cache keeps returns a ``CachePolicy`` from ``cache_policy()``: it
+says which cached entries stay (``keep``) and at which positions the kept keys and the new queries
+are attended (``positions``). ``rope_ext.cache`` turns it into transformers cache layers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .spec import RopeSpec
+
+MODEL_MASK = "model"
+
+
+@dataclass
+class AttentionContext:
+    """One attention call of one layer: q/k/v are (B, H, L, d) with the KV heads not repeated.
+
+    ``q_pos`` (B, Lq) and ``k_pos`` (B, Lk) are the positions the method attends at (the cache
+    policy's, when one re-positions); ``mask`` is the model's mask (additive float or bool,
+    broadcastable to (B, H, Lq, Lk), None for plain causal); ``rotate(x, positions, tag)`` rotates
+    with the method's frequencies (tables shared by every layer of one forward pass under one
+    ``tag``); ``base(q, k, v, mask=MODEL_MASK)`` is the model's own attention implementation,
+    returning (B, Lq, H, d); ``causal(q, k, v)`` is that implementation with a plain causal mask over
+    equal-length q and k (for training-time patterns such as S2-Attn); ``frequencies()`` gives the
+    method's (theta_i, cos/sin magnitude) at this call's length."""
+
+    spec: RopeSpec
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    mask: torch.Tensor | None
+    scaling: float
+    softcap: float | None
+    rotate: Callable[[torch.Tensor, torch.Tensor, str | None], torch.Tensor]
+    base: Callable[..., torch.Tensor]
+    causal: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    frequencies: Callable[[], tuple[torch.Tensor, float]]
+    two_part_impl: str = "merged"
+
+    @property
+    def seq_len(self) -> int:
+        """Current length for dynamic methods: max position + 1 over the batch (as transformers)."""
+        return int(self.q_pos.max()) + 1
+
+    def allowed(self) -> torch.Tensor:
+        """Boolean (B|1, 1|H, Lq, Lk) mask, True where a query may attend a key (causal if none given)."""
+        mask = self.mask
+        if mask is None:
+            return self.k_pos[:, None, None, :] <= self.q_pos[:, None, :, None]
+        if mask.dtype == torch.bool:
+            return mask
+        return mask > torch.finfo(mask.dtype).min / 2
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as an additive float mask (0 where allowed, the dtype's minimum elsewhere)."""
+        zero = torch.zeros((), dtype=dtype, device=self.q_pos.device)
+        return zero.masked_fill(~self.allowed(), torch.finfo(dtype).min)
+
+
+class CachePolicy:
+    """What a KV cache keeps, and where kept keys sit. Subclass and override ``keep`` (and
+    ``positions`` to re-position); one class is one policy (see tests/test_cache_policy.py).
+
+    Entries are the tokens a layer has cached, in arrival order; ``valid`` (B, N) is False for
+    padding. Defaults keep everything at its absolute position: the plain KV cache."""
+
+    def keep(self, valid: torch.Tensor) -> torch.Tensor | None:
+        """Indices (B, K), ascending per row, of the entries to keep after this step; None keeps all."""
+        return None
+
+    def positions(self, absolute: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Positions (B, N) at which the entries are attended (the last Lq are the new queries')."""
+        return absolute
+
+    @property
+    def repositions(self) -> bool:
+        """True when ``positions`` differs from the absolute ones: keys must then be cached
+        unrotated and rotated at attention time (the patch arranges it)."""
+        return type(self).positions is not CachePolicy.positions
