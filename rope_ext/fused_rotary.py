@@ -70,11 +70,12 @@ def users(modeling: ModuleType) -> int:
 
 
 def _acquire(modeling: ModuleType) -> None:
-    """One more user of the swap; the first one installs it."""
+    """One more user of the swap; installed whenever the module's function is not a dispatching one
+    (the first user, or someone replaced it meanwhile)."""
     name = modeling.__name__
-    if name not in _USERS:
-        current = modeling.apply_rotary_pos_emb
-        modeling.apply_rotary_pos_emb = current if is_dispatching(current) else dispatching(current)
+    current = modeling.apply_rotary_pos_emb
+    if not is_dispatching(current):
+        modeling.apply_rotary_pos_emb = dispatching(current)
     _USERS[name] = _USERS.get(name, 0) + 1
 
 
