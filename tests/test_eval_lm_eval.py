@@ -157,7 +157,7 @@ def test_passkey_and_ppl_tasks_run_through_simple_evaluate(lab_lm, corpus):
     assert [s["doc"]["length"] for s in out["samples"]["rope_ext_passkey"]] == [48, 64, 48]
     assert math.isfinite(ppl["word_perplexity,none"]) and ppl["word_perplexity,none"] > 1
     assert math.isfinite(ppl["byte_perplexity,none"]) and 1 < ppl["byte_perplexity,none"] < 259
-    assert out["config"]["rope_ext_method"] == "yarn" and out["config"]["rope_ext_params"] == {"target_length": 64}
+    assert out["config"]["rope_ext_method"] == "yarn" and out["config"]["rope_ext_params"] == {"factor": 4.0}
 
 
 def test_cli_entry_runs_offline_and_reports_bad_methods(lab_lm, corpus, tmp_path, capsys):

@@ -27,6 +27,9 @@ def counted(monkeypatch):
     ``apply_rotary_pos_emb`` (the object the swap must give back)."""
     models = make_tiny("llama"), make_tiny("llama", seed=1), make_tiny("llama", seed=2)
     modeling = sys.modules[type(models[0]).__module__]
+    monkeypatch.setattr(fused_rotary, "_USERS", {})  # models other tests left patched are not counted here
+    if fused_rotary.is_dispatching(modeling.apply_rotary_pos_emb):
+        monkeypatch.setattr(modeling, "apply_rotary_pos_emb", getattr(modeling.apply_rotary_pos_emb, fused_rotary.MARK))
     assert fused_rotary.users(modeling) == 0 and not fused_rotary.is_dispatching(modeling.apply_rotary_pos_emb)
     calls = []
     real = modeling.apply_rotary_pos_emb

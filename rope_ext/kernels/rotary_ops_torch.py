@@ -48,22 +48,24 @@ def positions(seqlen: int, offsets: int | torch.Tensor | None, cu_seqlens: torch
 
 
 def gather_tables(
-    cos: torch.Tensor, sin: torch.Tensor, half: int, pos: torch.Tensor | int, seqlen: int, work: torch.dtype,
-    narrow: bool = True,
+    cos: torch.Tensor, sin: torch.Tensor, half: int, pos: torch.Tensor | int, seqlen: int, work: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1|B, T, half) cos/sin rows of dtype ``work`` for positions ``pos`` (identity rotation
-    outside the table); with ``narrow=False`` the rows keep the tables' width, of which only the
-    first ``half`` columns are meant."""
+    """(1|B, T, w) cos/sin rows of dtype ``work`` for positions ``pos`` (identity rotation outside
+    the table), of which the first ``half`` columns are meant: rows that are a slice of the tables
+    stay views of them (w = the tables' width), gathered or converted rows are narrowed first."""
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
-    if narrow and cos.shape[-1] != half:
-        cos, sin = cos.narrow(-1, 0, half), sin.narrow(-1, 0, half)
     table_len = cos.shape[1]
+    if isinstance(pos, int) and pos >= 0 and pos + seqlen <= table_len:
+        if pos != 0 or seqlen != table_len:
+            cos, sin = cos.narrow(1, pos, seqlen), sin.narrow(1, pos, seqlen)
+        if cos.dtype == work:
+            return cos, sin
+    if cos.shape[-1] != half:
+        cos, sin = cos.narrow(-1, 0, half), sin.narrow(-1, 0, half)
     if isinstance(pos, int):
         if pos >= 0 and pos + seqlen <= table_len:
-            if pos != 0 or seqlen != table_len:
-                cos, sin = cos.narrow(1, pos, seqlen), sin.narrow(1, pos, seqlen)
-            return (cos, sin) if cos.dtype == work else (cos.to(work), sin.to(work))
+            return cos.to(work), sin.to(work)
         pos = torch.arange(pos, pos + seqlen, device=cos.device)[None, :]
     in_table = None
     if pos.device.type == "cpu":  # no device to wait for: check once and skip the masking if all rows exist
@@ -81,6 +83,20 @@ def gather_tables(
     return torch.where(valid, c.to(work), 1.0), torch.where(valid, s.to(work), 0.0)
 
 
+def pair_views(c: torch.Tensor, s: torch.Tensor, half: int, interleaved: bool, seq_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``half`` columns of (1|B, T, w) rows c and s as views that broadcast against the
+    pair view of x (``x.unflatten(-1, (2, half))``, or ``(half, 2)`` interleaved): (b, 1, T, 1, half)
+    ((b, 1, T, half, 1) interleaved; heads and T swapped for bthd)."""
+    b, t, _ = c.shape
+    sb, st, sc = c.stride()
+    shape, stride = ((b, t, 1), (sb, st, 0)) if seq_first else ((b, 1, t), (sb, 0, st))
+    shape, stride = (shape + (half, 1), stride + (sc, 0)) if interleaved else (shape + (1, half), stride + (0, sc))
+    cv = c.as_strided(shape, stride, c.storage_offset())
+    if s.stride() == c.stride():
+        return cv, s.as_strided(shape, stride, s.storage_offset())
+    return cv, pair_views(s, s, half, interleaved, seq_first)[0]
+
+
 CHUNK = 1 << 18  # elements per work buffer on the low-precision / in-place path
 
 
@@ -89,8 +105,8 @@ def _rotate_pairs(xv: torch.Tensor, acc: torch.Tensor, c: torch.Tensor, s: torch
     """acc = the rotated pairs of xv in acc's dtype: x1 c + sign x2 s, x2 c - sign x1 s; with
     ``each`` the products x s are rounded before they are added (see the module doc)."""
     torch.mul(xv, c, out=acc)
-    a1, a2 = acc.unbind(pair)
-    x1, x2 = xv.unbind(pair)
+    a1, a2 = acc.split(1, pair)
+    x1, x2 = xv.split(1, pair)
     if each:
         a1.add_(x2 * s, alpha=sign)
         a2.add_(x1 * s, alpha=-sign)
@@ -101,23 +117,22 @@ def _rotate_pairs(xv: torch.Tensor, acc: torch.Tensor, c: torch.Tensor, s: torch
 
 def _rotate_one(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, r: int, interleaved: bool, conjugate: bool,
                 inplace: bool, seq_axis: int, each: bool) -> torch.Tensor:
-    """x' for one tensor. c broadcasts against the (half, 2) / (2, half) pair view of x[..., :r], s
-    against one member of the pairs; both of the working dtype (c's). Out of place in the working
-    dtype writes straight into the output; otherwise chunks along the sequence go through small
-    buffers of the working dtype (upcast once, round once), which keeps temporaries in cache."""
-    shape = (*x.shape[:-1], r // 2, 2) if interleaved else (*x.shape[:-1], 2, r // 2)
+    """x' for one tensor; c and s are ``pair_views`` of the working dtype. Out of place in the
+    working dtype writes straight into the output; otherwise chunks along the sequence go through
+    small buffers of the working dtype (upcast once, round once), which keeps temporaries in cache."""
+    shape = (r // 2, 2) if interleaved else (2, r // 2)
     pair = -1 if interleaved else -2
     sign = 1.0 if conjugate else -1.0
-    xv = (x if r == x.shape[-1] else x[..., :r]).view(shape)
+    xv = (x if r == x.shape[-1] else x[..., :r]).unflatten(-1, shape)
     out = x if inplace else torch.empty_like(x)
-    ov = (out if r == x.shape[-1] else out[..., :r]).view(shape)
+    ov = (out if r == x.shape[-1] else out[..., :r]).unflatten(-1, shape)
     work = c.dtype
     if x.dtype == work and not inplace:
         _rotate_pairs(xv, ov, c, s, pair, sign, each)
     else:
         seqlen = x.shape[seq_axis]
         step = max(1, min(seqlen, CHUNK // max(1, x.numel() // seqlen)))
-        buf_shape = list(shape)
+        buf_shape = list(xv.shape)
         buf_shape[seq_axis] = step
         xbuf, acc = (torch.empty(buf_shape, dtype=work, device=x.device) for _ in range(2))
         for t0 in range(0, seqlen, step):
@@ -138,10 +153,10 @@ SMALL = 1 << 17  # q + k elements up to which the few-calls path is used (decodi
 
 def _rotate_small(q: torch.Tensor | None, k: torch.Tensor | None, c: torch.Tensor, s: torch.Tensor, interleaved: bool,
                   conjugate: bool, seq_first: bool, each: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """q and k (either may be None) in one pass, in as few calls as possible (decoding is bound by
-    calls, not bytes): x' = x c + swap(x) (-+ s), the products and sums of ``_rotate_pairs`` in the
-    working dtype (c's), so the results are identical; swap exchanges the members of each pair (an
-    index_select: faster than flip)."""
+    """q and k (either may be None; every dim rotates) in one pass, in as few calls as possible
+    (decoding is bound by calls, not bytes): x' = x c + swap(x) (-+ s), the products and sums of
+    ``_rotate_pairs`` in the working dtype (c's), so the results are identical; swap exchanges the
+    members of each pair (an index_select: faster than flip)."""
     head_axis = 2 if seq_first else 1
     x = q if k is None else k if q is None else torch.cat((q, k), head_axis)
     dtype = x.dtype
@@ -151,31 +166,17 @@ def _rotate_small(q: torch.Tensor | None, k: torch.Tensor | None, c: torch.Tenso
     pair = -1 if interleaved else -2
     xv = x.unflatten(-1, (half, 2) if interleaved else (2, half))
     signs, swap = _pair_constants(interleaved, conjugate, c.dtype, c.device)
-    cv, sv = _pair_views(c, s, half, interleaved, seq_first)
-    out = xv * cv
+    out = xv * c
     if each:
-        out += xv.index_select(pair, swap) * (sv * signs)
+        out += xv.index_select(pair, swap) * (s * signs)
     else:
-        out.addcmul_(xv.index_select(pair, swap), sv * signs)
+        out.addcmul_(xv.index_select(pair, swap), s * signs)
     out = out.flatten(-2)
     if out.dtype != dtype:
         out = out.to(dtype)
     if q is None or k is None:
         return (None, out) if q is None else (out, None)
     return out.split_with_sizes([q.shape[head_axis], k.shape[head_axis]], head_axis)
-
-
-def _pair_views(c: torch.Tensor, s: torch.Tensor, half: int, interleaved: bool, seq_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``half`` columns of (1|B, T, w) rows c and s as views that broadcast against the
-    pair view of x: (b, 1, T, 1, half) ((b, 1, T, half, 1) interleaved; heads and T swapped for bthd)."""
-    b, t, _ = c.shape
-    sb, st, sc = c.stride()
-    shape, stride = ((b, t, 1), (sb, st, 0)) if seq_first else ((b, 1, t), (sb, 0, st))
-    shape, stride = (shape + (half, 1), stride + (sc, 0)) if interleaved else (shape + (1, half), stride + (0, sc))
-    cv = c.as_strided(shape, stride, c.storage_offset())
-    if s.stride() == c.stride():
-        return cv, s.as_strided(shape, stride, s.storage_offset())
-    return cv, _pair_views(s, s, half, interleaved, seq_first)[0]
 
 
 _PAIR_CONSTANTS: dict[tuple[bool, bool, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -214,16 +215,12 @@ def rotary_op(
     module doc. Arguments are assumed valid (``rotary_autograd.check_args`` checks them)."""
     x0 = q if q is not None else k
     seqlen = x0.shape[1] if seq_first else x0.shape[2]
-    pos = positions(seqlen, offsets, cu_seqlens, x0.device)
     each = rounding == "each"
     work = x0.dtype if each else torch.promote_types(torch.promote_types(x0.dtype, cos.dtype), torch.float32)
-    size = (0 if q is None else q.numel()) + (0 if k is None else k.numel())
-    if not inplace and rotary_dim == x0.shape[-1] and size <= SMALL:
-        c, s = gather_tables(cos, sin, rotary_dim // 2, pos, seqlen, work, narrow=False)
+    half = rotary_dim // 2
+    c, s = gather_tables(cos, sin, half, positions(seqlen, offsets, cu_seqlens, x0.device), seqlen, work)
+    c, s = pair_views(c, s, half, interleaved, seq_first)
+    if not inplace and rotary_dim == x0.shape[-1] and (0 if q is None else q.numel()) + (0 if k is None else k.numel()) <= SMALL:
         return _rotate_small(q, k, c, s, interleaved, conjugate, seq_first, each)
-    c, s = gather_tables(cos, sin, rotary_dim // 2, pos, seqlen, work)
-    head_axis = 2 if seq_first else 1
-    c, s = c.unsqueeze(head_axis), s.unsqueeze(head_axis)
-    c = c.unsqueeze(-1 if interleaved else -2)
     seq_axis = 1 if seq_first else 2
     return tuple(None if x is None else _rotate_one(x, c, s, rotary_dim, interleaved, conjugate, inplace, seq_axis, each) for x in (q, k))
