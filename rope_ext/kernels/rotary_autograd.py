@@ -51,34 +51,34 @@ def check_args(q, k, cos, sin, rotary_dim, offsets, cu_seqlens, layout, rounding
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    seq_first = layout == "bthd"
-    if q is None and k is None:
+    x0 = q if q is not None else k
+    if x0 is None:
         raise ValueError("q and k are both None: nothing to rotate")
-    shapes = [(_shape(x, n, seq_first), x) for n, x in (("q", q), ("k", k)) if x is not None]
-    (b, t, d), x0 = shapes[0]
-    if len(shapes) == 2:
-        (bk, tk, dk), k_ = shapes[1]
-        if (bk, tk, dk) != (b, t, d) or k_.dtype != x0.dtype or k_.device != x0.device:
-            raise ValueError(f"k {tuple(k_.shape)} {k_.dtype} must match q {tuple(x0.shape)} {x0.dtype} in batch, length, head dim, dtype and device")
-    if cos.shape != sin.shape or cos.dim() not in (2, 3) or (cos.dim() == 3 and cos.shape[0] not in (1, b)):
-        raise ValueError(f"cos/sin must both be (T, w), (1, T, w) or ({b}, T, w); got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    seq_first = layout == "bthd"
+    b, t, d = _shape(x0, "q" if q is not None else "k", seq_first)
+    if q is not None and k is not None and (_shape(k, "k", seq_first) != (b, t, d) or k.dtype != q.dtype or k.device != q.device):
+        raise ValueError(f"k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype} in batch, length, head dim, dtype and device")
+    shape = cos.shape
+    if shape != sin.shape or len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1 and shape[0] != b):
+        raise ValueError(f"cos/sin must both be (T, w), (1, T, w) or ({b}, T, w); got {tuple(shape)} and {tuple(sin.shape)}")
     if cos.device != x0.device:
         raise ValueError(f"cos/sin are on {cos.device}, q/k on {x0.device}")
-    w = cos.shape[-1]
+    w = shape[-1]
     r = w if rotary_dim is None else rotary_dim
-    if r not in (w, 2 * w) or r % 2 or not 0 < r <= d:
+    if (r != w and r != 2 * w) or r % 2 or not 0 < r <= d:
         raise ValueError(f"rotary_dim={r} must be even, <= head dim {d}, and equal the tables' width {w} (HF) or twice it (flash-attn)")
     if cu_seqlens is not None:
-        if b != 1 or (cos.dim() == 3 and cos.shape[0] != 1):
-            raise ValueError(f"cu_seqlens needs packed sequences in batch 1 and shared cos/sin; got batch {b}, cos {tuple(cos.shape)}")
+        if b != 1 or (len(shape) == 3 and shape[0] != 1):
+            raise ValueError(f"cu_seqlens needs packed sequences in batch 1 and shared cos/sin; got batch {b}, cos {tuple(shape)}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor of N+1 sequence starts, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    if isinstance(offsets, torch.Tensor):
-        n = b if cu_seqlens is None else cu_seqlens.numel() - 1
-        if offsets.shape != (n,) or offsets.dtype not in (torch.int32, torch.int64) or offsets.device != x0.device:
-            raise ValueError(f"offsets tensor must be int32/int64 of shape ({n},) on {x0.device}, got {offsets.dtype} {tuple(offsets.shape)} on {offsets.device}")
-    elif offsets is not None and not isinstance(offsets, int):
+    if offsets is None or isinstance(offsets, int):
+        return r
+    if not isinstance(offsets, torch.Tensor):
         raise ValueError(f"offsets must be an int, a per-sequence int tensor or None, got {type(offsets).__name__}")
+    n = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    if offsets.shape != (n,) or offsets.dtype not in (torch.int32, torch.int64) or offsets.device != x0.device:
+        raise ValueError(f"offsets tensor must be int32/int64 of shape ({n},) on {x0.device}, got {offsets.dtype} {tuple(offsets.shape)} on {offsets.device}")
     return r
 
 
@@ -124,7 +124,7 @@ def apply_op(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Rotate q and k with ``backend``'s op, checked and differentiable; see ``rope_ext.rotary.apply_rotary``."""
     r = check_args(q, k, cos, sin, rotary_dim, offsets, cu_seqlens, layout, rounding)
-    fn = op(backend)
+    fn = _OPS.get(backend) or op(backend)
     if (q is not None and q.stride(-1) != 1) or (k is not None and k.stride(-1) != 1):
         if inplace:
             raise ValueError("inplace=True needs q and k with a contiguous last dim")
@@ -138,8 +138,10 @@ def apply_op(
         stride = cos.stride()
         if stride[-1] != 1 or stride != sin.stride():
             cos, sin = cos.contiguous(), sin.contiguous()
-    kw = dict(rotary_dim=r, interleaved=interleaved, offsets=offsets, cu_seqlens=cu_seqlens, conjugate=conjugate,
-              inplace=inplace, seq_first=layout == "bthd", rounding=rounding)
+    seq_first = layout == "bthd"
     if torch.is_grad_enabled() and ((q is not None and q.requires_grad) or (k is not None and k.requires_grad)):
+        kw = dict(rotary_dim=r, interleaved=interleaved, offsets=offsets, cu_seqlens=cu_seqlens, conjugate=conjugate,
+                  inplace=inplace, seq_first=seq_first, rounding=rounding)
         return RotaryFunction.apply(q, k, cos, sin, fn, kw)
-    return fn(q, k, cos, sin, **kw)
+    return fn(q, k, cos, sin, rotary_dim=r, interleaved=interleaved, offsets=offsets, cu_seqlens=cu_seqlens,
+              conjugate=conjugate, inplace=inplace, seq_first=seq_first, rounding=rounding)

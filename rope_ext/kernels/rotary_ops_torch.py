@@ -61,11 +61,10 @@ def gather_tables(
             cos, sin = cos.narrow(1, pos, seqlen), sin.narrow(1, pos, seqlen)
         if cos.dtype == work:
             return cos, sin
+        return cos.narrow(-1, 0, half).to(work), sin.narrow(-1, 0, half).to(work)
     if cos.shape[-1] != half:
         cos, sin = cos.narrow(-1, 0, half), sin.narrow(-1, 0, half)
     if isinstance(pos, int):
-        if pos >= 0 and pos + seqlen <= table_len:
-            return cos.to(work), sin.to(work)
         pos = torch.arange(pos, pos + seqlen, device=cos.device)[None, :]
     in_table = None
     if pos.device.type == "cpu":  # no device to wait for: check once and skip the masking if all rows exist
@@ -100,13 +99,20 @@ def pair_views(c: torch.Tensor, s: torch.Tensor, half: int, interleaved: bool, s
 CHUNK = 1 << 18  # elements per work buffer on the low-precision / in-place path
 
 
-def _rotate_pairs(xv: torch.Tensor, acc: torch.Tensor, c: torch.Tensor, s: torch.Tensor, pair: int, sign: float,
-                  each: bool) -> None:
-    """acc = the rotated pairs of xv in acc's dtype: x1 c + sign x2 s, x2 c - sign x1 s; with
-    ``each`` the products x s are rounded before they are added (see the module doc)."""
-    torch.mul(xv, c, out=acc)
-    a1, a2 = acc.split(1, pair)
-    x1, x2 = xv.split(1, pair)
+def _members(t: torch.Tensor, r: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the first and of the second members of the pairs of t[..., :r]."""
+    return (t[..., 0:r:2], t[..., 1:r:2]) if interleaved else (t[..., : r // 2], t[..., r // 2: r])
+
+
+def _rotate_pairs(x: torch.Tensor, acc: torch.Tensor, c: torch.Tensor, s: torch.Tensor, r: int, interleaved: bool,
+                  sign: float, each: bool) -> None:
+    """acc[..., :r] = the rotated pairs of x[..., :r] in acc's dtype: x1 c + sign x2 s, x2 c - sign x1 s;
+    with ``each`` the products x s are rounded before they are added (see the module doc)."""
+    shape = (r // 2, 2) if interleaved else (2, r // 2)
+    if r < x.shape[-1]:
+        x, acc = x[..., :r], acc[..., :r]
+    torch.mul(x.unflatten(-1, shape), c, out=acc.unflatten(-1, shape))
+    (a1, a2), (x1, x2) = _members(acc, r, interleaved), _members(x, r, interleaved)
     if each:
         a1.add_(x2 * s, alpha=sign)
         a2.add_(x1 * s, alpha=-sign)
@@ -117,32 +123,30 @@ def _rotate_pairs(xv: torch.Tensor, acc: torch.Tensor, c: torch.Tensor, s: torch
 
 def _rotate_one(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, r: int, interleaved: bool, conjugate: bool,
                 inplace: bool, seq_axis: int, each: bool) -> torch.Tensor:
-    """x' for one tensor; c and s are ``pair_views`` of the working dtype. Out of place in the
-    working dtype writes straight into the output; otherwise chunks along the sequence go through
-    small buffers of the working dtype (upcast once, round once), which keeps temporaries in cache."""
-    shape = (r // 2, 2) if interleaved else (2, r // 2)
-    pair = -1 if interleaved else -2
+    """x' for one tensor; c is the ``pair_views`` view of the cos rows, s the sin rows as (b, 1, T,
+    r/2) ((b, T, 1, r/2) for bthd), both of the working dtype. Out of place in the working dtype
+    writes straight into the output; otherwise chunks along the sequence go through small buffers of
+    the working dtype (upcast once, round once), which keeps temporaries in cache."""
     sign = 1.0 if conjugate else -1.0
-    xv = (x if r == x.shape[-1] else x[..., :r]).unflatten(-1, shape)
     out = x if inplace else torch.empty_like(x)
-    ov = (out if r == x.shape[-1] else out[..., :r]).unflatten(-1, shape)
     work = c.dtype
     if x.dtype == work and not inplace:
-        _rotate_pairs(xv, ov, c, s, pair, sign, each)
+        _rotate_pairs(x, out, c, s, r, interleaved, sign, each)
     else:
         seqlen = x.shape[seq_axis]
         step = max(1, min(seqlen, CHUNK // max(1, x.numel() // seqlen)))
-        buf_shape = list(xv.shape)
+        buf_shape = [*x.shape[:-1], r]
         buf_shape[seq_axis] = step
         xbuf, acc = (torch.empty(buf_shape, dtype=work, device=x.device) for _ in range(2))
+        x_rot, out_rot = (x, out) if r == x.shape[-1] else (x[..., :r], out[..., :r])
         for t0 in range(0, seqlen, step):
             n = min(step, seqlen - t0)
             xf, af = xbuf.narrow(seq_axis, 0, n), acc.narrow(seq_axis, 0, n)
-            xf.copy_(xv.narrow(seq_axis, t0, n))
+            xf.copy_(x_rot.narrow(seq_axis, t0, n))
             cs = c if c.shape[seq_axis] == 1 else c.narrow(seq_axis, t0, n)
             ss = s if s.shape[seq_axis] == 1 else s.narrow(seq_axis, t0, n)
-            _rotate_pairs(xf, af, cs, ss, pair, sign, each)
-            ov.narrow(seq_axis, t0, n).copy_(af)
+            _rotate_pairs(xf, af, cs, ss, r, interleaved, sign, each)
+            out_rot.narrow(seq_axis, t0, n).copy_(af)
     if not inplace and r < x.shape[-1]:
         out[..., r:] = x[..., r:]
     return out
@@ -222,5 +226,5 @@ def rotary_op(
     c, s = pair_views(c, s, half, interleaved, seq_first)
     if not inplace and rotary_dim == x0.shape[-1] and (0 if q is None else q.numel()) + (0 if k is None else k.numel()) <= SMALL:
         return _rotate_small(q, k, c, s, interleaved, conjugate, seq_first, each)
-    seq_axis = 1 if seq_first else 2
+    s, seq_axis = s.squeeze(-1 if interleaved else -2), 1 if seq_first else 2
     return tuple(None if x is None else _rotate_one(x, c, s, rotary_dim, interleaved, conjugate, inplace, seq_axis, each) for x in (q, k))
