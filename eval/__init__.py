@@ -1,9 +1,10 @@
-"""rope_ext.eval: the evaluation harness (perplexity past the trained length, passkey retrieval, the
-train-short lab, resumable JSONL results and reports).
+"""rope_ext.eval: the evaluation harness (perplexity past the trained length, passkey retrieval, streaming
+perplexity with attention sinks, the train-short lab, resumable JSONL results and reports).
 
     from rope_ext import eval as rx
     records = rx.perplexity(model, tokenizer, ["1x", "4x", "16x"], ["none", "yarn", "rerope"], run_dir="runs/x")
     rx.passkey(model, tokenizer, ["1x", "4x"], ["none", "rerope"], trials=20, run_dir="runs/x")
+    rx.stream_perplexity(model, tokenizer, ["dense", "sinks", "sliding"], length="64x", sinks=4, cache_window=60, run_dir="runs/x")
     rx.write_report("runs/x")
 
 Methods are names + parameter dicts handed to ``rope_ext.patch``; the harness knows nothing else of
@@ -20,6 +21,7 @@ from .runner import choose_threads, set_threads
 from rope_ext.lengths import parse_lengths
 
 from .spec import resolve, trained_length
+from .stream import stream_perplexity
 from .tokens import byte_tokenizer, encode
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "resolve",
     "set_threads",
     "sliding_nll",
+    "stream_perplexity",
     "token_nll",
     "trained_length",
     "write_report",

@@ -2,8 +2,9 @@
 
 Works on any subset of cells (a partial or interrupted run): missing cells show as "–".
     RUN_DIR/report.md
-    RUN_DIR/report/ppl.csv, passkey.csv
-    RUN_DIR/report/ppl_vs_length_<model>.png, ppl_by_position_<model>_<length>.png, passkey_<model>.png
+    RUN_DIR/report/ppl.csv, passkey.csv, stream.csv
+    RUN_DIR/report/ppl_vs_length_<model>.png, ppl_by_position_<model>_<length>.png, passkey_<model>.png,
+                   stream_ppl_<model>.png, stream_cache_<model>.png
 """
 from __future__ import annotations
 
@@ -154,6 +155,7 @@ def _group(records: list[dict[str, Any]], task: str, fields: tuple[str, ...]) ->
 
 
 PPL_GROUP = ("mode", "n_docs", "doc_stride", "seed", "buckets", "trained_length")
+STREAM_GROUP = ("tokens", "bucket", "trained_length")
 PASSKEY_GROUP = ("format", "n_keys", "trials", "seed", "trained_length")
 
 
@@ -200,6 +202,81 @@ def _passkey_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
             + ", ".join(f"{m} {v:.0f}%" for v, m in ranked) + "."]
 
 
+def _stream_label(recs: list[dict[str, Any]], names: dict[str, set[str]]) -> str:
+    k = recs[0]["key"]
+    return f"{_model_label(k, names)} (streaming {k['tokens']} tokens)"
+
+
+def _stream_rows(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """{config label: the results of its documents}, in the order dense, window, sinks, sliding."""
+    order = ("dense", "window", "sinks", "sliding")
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    kinds = {}
+    for r in sorted(recs, key=lambda r: r["key"]["document"]):
+        rows[r["key"]["label"]].append(r["result"])
+        kinds[r["key"]["label"]] = r["key"]["config"]
+    ranked = sorted(rows, key=lambda lab: (order.index(kinds[lab]) if kinds[lab] in order else len(order), lab))
+    return {lab: rows[lab] for lab in ranked}
+
+
+def _mean_nll(parts: list[tuple[float, int]]) -> float:
+    """Token-weighted mean of (mean NLL, tokens) pairs."""
+    return sum(v * n for v, n in parts) / sum(n for _, n in parts)
+
+
+def _stream_buckets(results: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
+    """(bucket end, log PPL over the documents, cache MiB at the bucket end, largest over the documents)."""
+    by_end: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for res in results:
+        for b in res["buckets"]:
+            by_end[b["end"]].append(b)
+    return [(end, _mean_nll([(b["nll"], b["tokens"]) for b in bs]), max(b["cache_bytes"] for b in bs) / float(1 << 20))
+            for end, bs in sorted(by_end.items())]
+
+
+def _stream_section(label: str, recs: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    import math
+    import statistics
+
+    k = recs[0]["key"]
+    rows = _stream_rows(recs)
+    lines = [f"## Streaming perplexity — {label}", "",
+             f"Each document fed one token at a time through the KV cache (StreamingLLM's eval_long_ppl); trained "
+             f"length {k['trained_length']}; buckets of {k['bucket']} predictions. `sliding` recomputes over the last "
+             f"S + W tokens without a cache; with `every K` only every K-th prediction is measured.", "",
+             "| config | documents | PPL (all tokens) | PPL (last bucket) | peak cache MiB | median ms/token | tokens measured |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for lab, results in rows.items():
+        ppl = math.exp(_mean_nll([(r["nll"], r["tokens"]) for r in results]))
+        last = math.exp(_mean_nll([(r["buckets"][-1]["nll"], r["buckets"][-1]["tokens"]) for r in results]))
+        spread = ""
+        if len(results) > 1:
+            spread = f" ({_fmt(min(r['ppl'] for r in results))}–{_fmt(max(r['ppl'] for r in results))})"
+        ms = statistics.median(r["ms_per_token_median"] for r in results)
+        peak = max(r["cache_mib_peak"] for r in results)
+        lines.append(f"| {lab} | {len(results)} | {_fmt(ppl)}{spread} | {_fmt(last)} | {peak:.3f} | {ms:.2f} | "
+                     f"{sum(r['tokens'] for r in results)} |")
+    if any(len(r) > 1 for r in rows.values()):
+        lines += ["", "With several documents: PPL over all their tokens, (the documents' lowest–highest)."]
+    plots = _plot_stream(label, k["trained_length"], {lab: _stream_buckets(res) for lab, res in rows.items()}, out_dir)
+    return lines + [""] + [f"![{p.stem}](report/{p.name})" for p in plots] + [""]
+
+
+def _stream_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
+    """One line: PPL per config label, and sinks over sliding where both ran without a method."""
+    import math
+
+    rows = _stream_rows(recs)
+    ppl = {lab: math.exp(_mean_nll([(r["nll"], r["tokens"]) for r in res])) for lab, res in rows.items()}
+    kinds = {r["key"]["label"]: (r["key"]["config"], r["key"]["method"]) for r in recs}
+    line = f"- **{label}**, streaming PPL: " + "; ".join(f"{lab} {_fmt(v)}" for lab, v in ppl.items())
+    sinks = [lab for lab, kind in kinds.items() if kind == ("sinks", "none")]
+    sliding = [lab for lab, kind in kinds.items() if kind == ("sliding", "none")]
+    if len(sinks) == 1 and len(sliding) == 1:
+        line += f"; sinks / sliding {ppl[sinks[0]] / ppl[sliding[0]]:.2f}x"
+    return [line + "."]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write report.md, CSVs and PNGs for ``run_dir`` (from whatever cells are stored); returns report.md."""
     run = Path(run_dir).expanduser()
@@ -224,12 +301,16 @@ def write_report(run_dir: str | Path) -> Path:
     pk_groups = {_passkey_label(recs, names): recs for recs in _group(records, "passkey", PASSKEY_GROUP).values()}
     summary = [line for label, recs in ppl_groups.items() for line in _ppl_summary(label, recs)]
     summary += [line for label, recs in pk_groups.items() for line in _passkey_summary(label, recs)]
+    stream_groups = {_stream_label(recs, names): recs for recs in _group(records, "stream", STREAM_GROUP).values()}
+    summary += [line for label, recs in stream_groups.items() for line in _stream_summary(label, recs)]
     if summary:
         lines += ["## Summary", ""] + summary + [""]
     for label, recs in ppl_groups.items():
         lines += _ppl_section(label, recs, out_dir)
     for label, recs in pk_groups.items():
         lines += _passkey_section(label, recs, out_dir)
+    for label, recs in stream_groups.items():
+        lines += _stream_section(label, recs, out_dir)
     if not records:
         lines += ["No finished cells yet.", ""]
     _write_csv(records, out_dir)
@@ -243,7 +324,10 @@ def _write_csv(records: list[dict[str, Any]], out_dir: Path) -> None:
                 "ppl", "ppl_past", "ppl_within", "tokens", "tokens_past", "seconds"]
     pk_cols = ["model", "fingerprint", "format", "n_keys", "seed", "method", "params", "length", "trained_length",
                "depth", "trials", "exact", "digit_acc", "seconds"]
-    for task, cols in (("ppl", ppl_cols), ("passkey", pk_cols)):
+    stream_cols = ["model", "fingerprint", "config", "label", "method", "params", "sinks", "cache_window", "recompute_every",
+                   "document", "positions", "tokens", "trained_length", "ppl", "ppl_last_bucket", "cache_mib_peak", "ms_per_token_median",
+                   "measured", "seconds"]
+    for task, cols in (("ppl", ppl_cols), ("passkey", pk_cols), ("stream", stream_cols)):
         with open(out_dir / f"{task}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=cols)
             writer.writeheader()
@@ -258,9 +342,7 @@ def _write_csv(records: list[dict[str, Any]], out_dir: Path) -> None:
 
 def _finish(fig, ax, path: Path) -> Path:
     """Plain numbers on log axes, legend, grid, tight layout; save the PNG."""
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain = _plain_formatter()
     if ax.get_yscale() == "log":
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
@@ -334,3 +416,33 @@ def _plot_passkey(label, methods, lengths, depths, trained, grid, out_dir: Path)
     path = out_dir / f"passkey_{_slug(label)}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def _plot_stream(label: str, trained: int, series: dict[str, list[tuple[int, float, float]]], out_dir: Path) -> list[Path]:
+    """log PPL per bucket vs tokens streamed, and cache MiB vs tokens streamed, one line per config."""
+    from matplotlib.figure import Figure
+
+    paths = []
+    for field, ylabel, title, name in ((1, "log PPL of the bucket (mean NLL, nats)", "Streaming log-perplexity", "stream_ppl"),
+                                        (2, "KV cache at the bucket's end (MiB)", "KV cache memory", "stream_cache")):
+        log_x = field == 1
+        fig = Figure(figsize=(8.5, 4.5))
+        ax = fig.subplots()
+        for lab, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[field] for p in pts], marker=".",
+                    linestyle="--" if lab.startswith("sliding") else "-", label=lab)
+        ax.axvline(trained, color="grey", linestyle=":", label=f"trained length ({trained})")
+        if log_x:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(_plain_formatter())
+        ax.set_xlabel("tokens streamed (end of the bucket" + (", log scale)" if log_x else ")"))
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} vs tokens streamed\n{label}", fontsize=10)
+        paths.append(_finish(fig, ax, out_dir / f"{name}_{_slug(label)}.png"))
+    return paths
+
+
+def _plain_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}")

@@ -9,7 +9,7 @@ import importlib
 import sys
 from types import ModuleType
 
-COMMANDS = ("methods", "info", "calc", "pretrain", "eval", "report", "finetune", "lm_eval")
+COMMANDS = ("methods", "info", "calc", "pretrain", "eval", "report", "finetune", "lm_eval", "generate")
 
 
 def load_command(name: str) -> ModuleType:

@@ -108,7 +108,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs: Any) ->
         model.save_pretrained(path, **kwargs)
     finally:
         config._attn_implementation_internal = impl
-    if handle is not None and handle.method.native_rope_parameters(next(iter(handle.specs.values()))) is None:
+    if handle is not None and handle.method.transformers_equivalent(next(iter(handle.specs.values()))) is None:
         warnings.warn(
             f"{handle.name} has no transformers rope_type: plain AutoModelForCausalLM.from_pretrained({str(path)!r}) "
             "loads it UNPATCHED; use rope_ext.load or rope_ext.from_pretrained", stacklevel=2,

@@ -106,6 +106,7 @@ def _resolve(model: nn.Module, method: str, kernel: str, train_attention: Any, p
     built = build_method(method, params)
     specs = model_specs(model, family, built.original_max_position_embeddings)
     bound = built.bind(main_spec(specs))
+    bound.check_reach()
     specs = {lt: dataclasses.replace(s, trained_length=bound.trained_length) for lt, s in specs.items()}
     if (bound.needs_attention_hook or train_attention is not None) and not family.attention_interface:
         raise ValueError(f"{method} changes attention, but {family.name} does not use transformers' AttentionInterface; "
@@ -217,7 +218,7 @@ def _write_config(rec: Recorder, model: nn.Module, family, method: Method, specs
     rope_parameters get a ``rope_ext`` key, which makes a plain transformers load warn."""
     config = model.config
     original = copy.deepcopy(config.rope_parameters)
-    native = {lt: method.native_rope_parameters(spec) for lt, spec in specs.items()}
+    native = {lt: method.transformers_equivalent(spec) for lt, spec in specs.items()}
     layered = list(native) != [None]
     keep = ("partial_rotary_factor",)
 

@@ -16,6 +16,7 @@ import os
 import torch
 
 from .kernels.rotary_autograd import BACKENDS, apply_op
+from .kernels.rotary_ops_torch import rotate_hf
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -36,8 +37,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """Rotate x (B, H, L, d) by cos/sin (B, L, r) as ``cos_sin`` makes them, r <= d; dims past r pass through.
 
     Bitwise what transformers computes, x * cos + rotate_half(x) * sin in x's dtype (the same
-    products and sums, each rounded once): the torch op with ``rounding="each"``, differentiable."""
-    return apply_op(x, None, cos, sin, backend="torch", rounding="each")[0]
+    products and sums, each rounded once): the torch op's ``rounding="each"`` arithmetic in its
+    HF-table form (``rotary_ops_torch.rotate_hf``: no argument layers, which decoding pays per
+    call), differentiable."""
+    return rotate_hf(x, cos, sin)
 
 
 KERNELS = ("auto", *BACKENDS)

@@ -1,4 +1,4 @@
-"""``rope-ext eval ppl|passkey``: evaluate methods past a model's trained length into a run directory.
+"""``rope-ext eval ppl|passkey|stream``: evaluate methods past a model's trained length into a run directory.
 
 Every finished cell is appended to RUN_DIR/results.jsonl; rerunning the same command resumes and
 recomputes nothing. The report (RUN_DIR/report.md, CSV, PNG) is written at the end.
@@ -13,13 +13,21 @@ DEFAULT_METHODS = "none,pi,ntk,yarn,rerope,leaky_rerope"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a checkpoint directory (e.g. from `rope-ext pretrain`), a .gguf, or smollm2")
-    p.add_argument("--run-dir", required=True, help="directory for results.jsonl, config.json, env.json and the report")
+    _model_options(p)
     p.add_argument("--lengths", default="1x,2x,4x,8x,16x", help="comma-separated lengths: tokens (2048, 32k, 1M) or multiples of the trained length (4x); "
                    "see rope_ext.lengths (default: 1x,2x,4x,8x,16x)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated method names; 'none' = the model as loaded (default: {DEFAULT_METHODS})")
+    _method_params_option(p)
+
+
+def _method_params_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method-params", nargs="*", default=[], metavar="METHOD.NAME=VALUE",
                    help="e.g. rerope.window=32 yarn.beta_fast=16; defaults (factor = length / trained length ...) are recorded")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a checkpoint directory (e.g. from `rope-ext pretrain`), a .gguf, or smollm2")
+    p.add_argument("--run-dir", required=True, help="directory for results.jsonl, config.json, env.json and the report")
     p.add_argument("--corpus", default="stdlib", help="'stdlib' (held-out split), a directory, a .jsonl or a text file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
@@ -29,7 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="perplexity / passkey retrieval past the trained length",
+    parser = subparsers.add_parser("eval", help="perplexity / passkey retrieval / streaming past the trained length",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="eval_task", metavar="TASK", required=True)
     ppl = sub.add_parser("ppl", help="perplexity per method and length, with a sliding-window baseline")
@@ -52,6 +60,20 @@ def add_parser(subparsers) -> None:
                     help="compact: '... pass key #NNNNN. ... What is the pass key? #' (lab); classic: the papers' sentences")
     pk.add_argument("--batch-size", type=int, default=16)
     pk.set_defaults(func=run)
+    st = sub.add_parser("stream", help="streaming perplexity, one token at a time through the KV cache (attention sinks)")
+    _model_options(st)
+    st.add_argument("--tokens", required=True, help="tokens streamed per document: 8192, 64k, or a multiple of the trained length (64x)")
+    st.add_argument("--configs", default="dense,window,sinks,sliding",
+                    help="comma-separated: dense, window (last W), sinks (first S + last W), sliding (recompute over S + W) (default: all)")
+    st.add_argument("--sinks", type=int, default=4, help="S: first tokens kept by the sinks config (default: 4)")
+    st.add_argument("--cache-window", type=int, default=2044, help="W: last tokens kept by window / sinks (default: 2044)")
+    st.add_argument("--method", default="none", help="a method every config runs under, e.g. yarn (default: none = the model as loaded)")
+    _method_params_option(st)
+    st.add_argument("--docs", type=int, default=1, help="documents (consecutive pieces of the joined corpus) per config (default: 1)")
+    st.add_argument("--bucket", type=int, default=256, help="prediction positions per reported bucket (default: 256)")
+    st.add_argument("--recompute-every", type=int, default=1,
+                    help="sliding: measure only every K-th prediction (positions 0, K, 2K ...), to keep it affordable (default: 1)")
+    st.set_defaults(func=run)
 
 
 def _depths(text: str) -> list[float]:
@@ -73,23 +95,58 @@ def model_source(name: str) -> str:
     return str(path.resolve())
 
 
-def run(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> tuple:
+    """(model source as recorded, model, tokenizer, record) for a task's arguments."""
     import torch
 
     import rope_ext
-    from rope_ext.eval import report
-    from rope_ext.eval.results import RunDir
     from rope_ext.eval.runner import set_threads
+
+    name = model_source(args.model)
+    threads = set_threads(args.threads)
+    model, tokenizer = rope_ext.load(name, dtype=getattr(torch, args.dtype))
+    record = {"command": ["rope-ext", *sys.argv[1:]], "threads": threads, "dtype": args.dtype}
+    return name, model, tokenizer, record
+
+
+def _finish(args: argparse.Namespace, run_dir: Path) -> int:
+    from rope_ext.eval import report
+
+    if not args.no_report:
+        print(f"report: {report.write_report(run_dir)}")
+    print(f"results: {run_dir / 'results.jsonl'}")
+    return 0
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    import rope_ext
+    from rope_ext.eval.spec import parse_method_params
+    from rope_ext.eval.stream import check_settings, parse_configs, stream_perplexity
+
+    configs = parse_configs(args.configs)
+    check_settings(args.sinks, args.cache_window, args.docs, args.bucket, args.recompute_every)
+    method = rope_ext.methods.get(args.method).name
+    params = parse_method_params(args.method_params, [method]).get(method, {})
+    name, model, tokenizer, record = _load(args)
+    stream_perplexity(model, tokenizer, configs, length=args.tokens, sinks=args.sinks, cache_window=args.cache_window,
+                      method=method, method_params=params, n_docs=args.docs, bucket=args.bucket,
+                      recompute_every=args.recompute_every, seed=args.seed, corpus=args.corpus, model_name=name,
+                      run_dir=args.run_dir, record=record)
+    return _finish(args, Path(args.run_dir).expanduser())
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.eval_task == "stream":
+        return run_stream(args)
+    from rope_ext.eval.results import RunDir
     from rope_ext.eval.spec import parse_method_params, parse_methods
 
     methods = parse_methods(args.methods)
     method_params = parse_method_params(args.method_params, methods + ["sliding_window"])
     depths = _depths(args.depths) if args.eval_task == "passkey" else None
-    name = model_source(args.model)
+    model_source(args.model)
     run_dir = RunDir(args.run_dir)
-    threads = set_threads(args.threads)
-    model, tokenizer = rope_ext.load(name, dtype=getattr(torch, args.dtype))
-    record = {"command": ["rope-ext", *sys.argv[1:]], "threads": threads, "dtype": args.dtype}
+    name, model, tokenizer, record = _load(args)
     if args.eval_task == "ppl":
         from rope_ext.eval.ppl import perplexity
 
@@ -103,7 +160,4 @@ def run(args: argparse.Namespace) -> int:
         passkey(model, tokenizer, args.lengths, methods, depths, trials=args.trials, n_keys=args.keys, fmt=args.format,
                 method_params=method_params, seed=args.seed, corpus=args.corpus, batch_size=args.batch_size,
                 model_name=name, run_dir=run_dir, record=record)
-    if not args.no_report:
-        print(f"report: {report.write_report(run_dir.path)}")
-    print(f"results: {run_dir.store.path}")
-    return 0
+    return _finish(args, run_dir.path)

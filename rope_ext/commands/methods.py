@@ -8,7 +8,7 @@ import textwrap
 from typing import Any
 
 # Parameters every method inherits from rope_ext.methods.base.Method; listed once under the table.
-COMMON = ("logn", "original_max_position_embeddings")
+COMMON = ("logn", "original_max_position_embeddings", "sinks", "cache_window")
 
 
 def add_parser(subparsers) -> None:

@@ -152,6 +152,31 @@ def _rotate_one(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, r: int, inter
     return out
 
 
+FEW_CALLS = 1 << 16  # elements below which ``rotate_hf`` takes transformers' own expression
+
+
+def rotate_hf(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rounding="each"`` for HF tables (B, T, r) and x (B, H, T, d), the layout of the attention
+    function's rotations: x * cos + rotate_half(x) * sin in x's dtype, each product and sum rounded
+    once (bitwise transformers'). Small inputs take that expression (fewest calls: decoding is bound
+    by calls); larger ones write x * cos once and subtract / add the half products in place (no
+    negated copy, no concatenation); under autograd the expression (in-place writes would break it)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    r, half = cos.shape[-1], cos.shape[-1] // 2
+    if x.numel() < FEW_CALLS or (torch.is_grad_enabled() and x.requires_grad):
+        x_rot = x if r == x.shape[-1] else x[..., :r]
+        rotated = x_rot * cos + torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1) * sin
+        return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
+    out = torch.empty_like(x)
+    x_rot, out_rot = (x, out) if r == x.shape[-1] else (x[..., :r], out[..., :r])
+    torch.mul(x_rot, cos, out=out_rot)
+    out_rot[..., :half].sub_(x_rot[..., half:] * sin[..., :half])
+    out_rot[..., half:].add_(x_rot[..., :half] * sin[..., half:])
+    if r < x.shape[-1]:
+        out[..., r:] = x[..., r:]
+    return out
+
+
 SMALL = 1 << 17  # q + k elements up to which the few-calls path is used (decoding is call-bound)
 
 

@@ -26,6 +26,7 @@ import torch
 
 from .context import AttentionContext, CachePolicy
 from .logn import logn_scale
+from .sinks import SinkPolicy
 from .spec import RopeSpec
 
 Rotation = Literal["static", "deferred", "none"]
@@ -54,11 +55,38 @@ class Method:
 
     logn: bool = False
     original_max_position_embeddings: int | None = None
+    sinks: int | None = None
+    cache_window: int | None = None
 
     def __post_init__(self) -> None:
         check_type(self, "logn", bool)
         if self.original_max_position_embeddings is not None:
             check_int(self, "original_max_position_embeddings", minimum=1)
+        if (self.sinks is None) != (self.cache_window is None):
+            raise ValueError(f"{self.name}: give sinks and cache_window together (StreamingLLM: e.g. sinks=4, "
+                             f"cache_window=2044; sinks=0 for a window-only cache), got sinks={self.sinks!r}, "
+                             f"cache_window={self.cache_window!r}")
+        if self.sinks is not None:
+            check_int(self, "sinks", minimum=0)
+            check_int(self, "cache_window", minimum=1)
+            if self.kind != "frequency":
+                raise ValueError(f"{self.name}: sinks / cache_window combine with plain RoPE and frequency methods "
+                                 f"(none, pi, ntk, yarn, llama3, ntk_by_parts, dynamic_ntk, dynamic_yarn), not with "
+                                 f"{self.name}, which changes the attention itself")
+
+    def check_reach(self) -> None:
+        """A bound method with a rolling cache must reach sinks + cache_window positions: the cache's
+        slots are the only positions it ever sees (Xiao et al. 2023, sec. 3.2)."""
+        reach = self.reach
+        if self.sinks is not None and reach is not None and self.sinks + self.cache_window > reach:
+            raise ValueError(f"{self.name}: sinks + cache_window = {self.sinks + self.cache_window} exceeds the "
+                             f"{reach} positions this method reaches (trained length {self.trained_length}); give a "
+                             f"smaller cache_window or a frequency method with a factor that reaches it")
+
+    @property
+    def reach(self) -> int | None:
+        """How many positions the bound method handles: the trained length unless it scales."""
+        return self.trained_length
 
     def bind(self, spec: RopeSpec) -> Method:
         """A copy with every value that depends on the model filled in and checked against it
@@ -112,8 +140,11 @@ class Method:
         return ctx.base(query, key, value)
 
     def cache_policy(self) -> CachePolicy | None:
-        """What this method's KV cache keeps (``CachePolicy``); None: the model's own cache."""
-        return None
+        """What this method's KV cache keeps (``CachePolicy``): StreamingLLM's sinks + rolling window
+        when ``sinks`` and ``cache_window`` are given (``methods/sinks.py``); None: the model's own cache."""
+        if self.sinks is None:
+            return None
+        return SinkPolicy(self.sinks, self.cache_window)
 
     @property
     def rotates(self) -> Rotation:
@@ -127,6 +158,11 @@ class Method:
     def native_rope_parameters(self, spec: RopeSpec) -> dict[str, Any] | None:
         """The ``config.rope_parameters`` of transformers' own rope_type with the same formula, if any."""
         return None
+
+    def transformers_equivalent(self, spec: RopeSpec) -> dict[str, Any] | None:
+        """What a saved config can give a plain transformers load: ``native_rope_parameters``, unless a
+        cache policy is on (transformers has no rolling sink cache: a plain load would silently differ)."""
+        return None if self.cache_policy() is not None else self.native_rope_parameters(spec)
 
     @property
     def needs_attention_hook(self) -> bool:

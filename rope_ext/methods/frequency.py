@@ -145,6 +145,13 @@ class ScaledMethod(Method):
         return params
 
     @property
+    def reach(self) -> int | None:
+        """trained length x s; None for dynamic methods (they scale with the length) and an explicit base."""
+        if self.dynamic or self.factor is None:
+            return None
+        return int(self.trained_length * self.s)
+
+    @property
     def s(self) -> float:
         if self.factor is None:
             raise ValueError(f"{self.name}: factor is not resolved; bind() the method first")
