@@ -287,10 +287,11 @@ def stream_perplexity(model: torch.nn.Module, tokens: Any, configs: str | Sequen
     rope_ext.methods.get(method)
     if method_params and not isinstance(method_params, dict):
         raise ValueError(f"method_params must be a dict of {method}'s parameters, got {method_params!r}")
-    given = {k: v for k, v in (method_params or {}).items()}
+    given = dict(method_params or {})
     clash = sorted(set(given) & set(CACHE_PARAMS))
     if clash:
-        raise ValueError(f"give {', '.join(clash)} as stream_perplexity arguments (--sinks / --cache-window), not as method parameters")
+        raise ValueError(f"give {', '.join(clash)} as stream_perplexity arguments (--sinks / --cache-window), "
+                         f"not as method parameters")
     trained = trained_length(model.config)
     docs, sources = _documents(tokens, length, n_docs, seed, corpus, trained)
     n = docs[0].numel()
@@ -327,7 +328,8 @@ def _bind(model, ids, config, bucket, source, progress):
         trace = stream_trace(model, ids, config, progress)
         result = summarize(trace, ids.numel() - 1, bucket)
         every = config.recompute_every
-        result["measured"] = "every prediction" if every == 1 else f"predictions at positions p = 0, {every}, {2 * every}, ... < {ids.numel() - 1}"
+        result["measured"] = ("every prediction" if every == 1 else
+                              f"predictions at positions p = 0, {every}, {2 * every}, ... < {ids.numel() - 1}")
         result["source"] = source
         return result
     return compute
