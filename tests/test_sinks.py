@@ -121,3 +121,14 @@ def test_a_saved_sink_model_reloads_with_its_cache_and_warns_for_plain_loads(tmp
     a = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     b = again.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_unpatch_after_streaming_is_bitwise():
+    model = make_tiny("llama")
+    ids = torch.randint(3, 97, (1, 10), generator=torch.Generator().manual_seed(7))
+    before = model(ids).logits
+    rope_ext.patch(model, "ntk", factor=2.0, sinks=2, cache_window=6)
+    model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    rope_ext.unpatch(model)
+    assert "forward" not in model.__dict__ and torch.equal(model(ids).logits, before)
