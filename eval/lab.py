@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rope_ext
+from rope_ext.validate import MAX_ALIBI_BIAS, MAX_BASE, MAX_COUNT, integer, number
 
 from .corpus import load_corpus
 from .tokens import byte_tokenizer, encode
@@ -55,16 +56,16 @@ class LabConfig:
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
-        for name in ("context", "layers", "hidden", "heads", "intermediate", "steps", "batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.context < 8:
-            raise ValueError(f"context must be >= 8 tokens, got {self.context}")
+        for name in ("layers", "hidden", "heads", "intermediate", "steps", "batch", "warmup"):
+            integer(getattr(self, name), name, minimum=0 if name == "warmup" else 1, maximum=MAX_COUNT)
+        integer(self.context, "context", minimum=8, maximum=MAX_COUNT)
+        integer(self.seed, "seed", minimum=0)
         if self.hidden % self.heads or (self.hidden // self.heads) % 2:
             raise ValueError(f"hidden ({self.hidden}) must split into {self.heads} heads of even size")
-        if not self.lr > 0 or not self.rope_theta > 1 or not self.max_bias > 0:
-            raise ValueError(f"lr, rope_theta - 1 and max_bias must be > 0, got {self.lr}, {self.rope_theta}, {self.max_bias}")
+        number(self.lr, "lr", above=0, at_most=1)
+        number(self.weight_decay, "weight_decay", at_least=0, at_most=1)
+        number(self.rope_theta, "rope_theta", above=1, at_most=MAX_BASE)
+        number(self.max_bias, "max_bias", above=0, at_most=MAX_ALIBI_BIAS)
 
     def key(self) -> str:
         """A short stable id of this configuration (the cache directory name)."""
@@ -122,6 +123,9 @@ def train_loop(model: torch.nn.Module, batches: Iterator[Any], loss_fn: Callable
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         loss = loss_fn(model, next(batches))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: the loss became {float(loss.detach())} at step {step + 1} of {steps} (learning rate "
+                                     f"{group['lr']:.3g}); training stopped and nothing was saved: lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -130,7 +130,7 @@ class RopeExtLM(HFLM):
         model, tokenizer = rope_ext.load(str(pretrained), **load_args)
         trained = trained_length(model.config)
         self.trained_length = trained
-        max_length = max_length or implied_length(args, trained)
+        max_length = implied_length(args, trained) if max_length is None else max_length
         params = resolve(method, args, max_length, rope_spec(model))
         apply_method(model, method, params)
         self.rope_ext_method, self.rope_ext_params = method, params

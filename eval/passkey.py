@@ -61,7 +61,7 @@ DIGITS = 5
 
 def get_format(name: str) -> PasskeyFormat:
     if name not in FORMATS:
-        raise ValueError(f"passkey format must be one of {', '.join(FORMATS)}, got {name!r}")
+        raise ValueError(f"fmt (--format, the passkey format) must be one of {', '.join(FORMATS)}, got {name!r}")
     return FORMATS[name]
 
 
@@ -166,7 +166,7 @@ def passkey(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[int | str]
     lengths = parse_lengths(lengths, trained, "lengths", minimum=2)
     names = parse_methods(methods)
     if SLIDING in names:
-        raise ValueError(f"{SLIDING} is a perplexity baseline; it does not apply to passkey retrieval")
+        raise ValueError(f"methods: {SLIDING} is a perplexity baseline; it does not apply to passkey retrieval")
     style = get_format(fmt)
     depths = list(depths)
     if not depths or any(not isinstance(d, (int, float)) or not 0 <= d <= 1 for d in depths):

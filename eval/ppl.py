@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from rope_ext.facts import rope_spec
 from rope_ext.lengths import parse_lengths
+from rope_ext.validate import MAX_COUNT, integer
 
 from .corpus import Corpus, load_corpus
 from .results import ResultStore, RunDir
@@ -125,7 +126,11 @@ def _ordered(corpus: Corpus, seed: int) -> list:
 def select_windows(data: Any, lengths: Sequence[int], mode: str, n_docs: int, seed: int = 0,
                    doc_stride: int | None = None, corpus: str | Corpus = "stdlib") -> dict[int, tuple[list[torch.Tensor], list[str]]]:
     """{length: (windows, their source names)}. ``data``: a tokenizer (text from ``corpus``, eval
-    split), or token ids (a 1-D tensor = one document, or a list of them)."""
+    split), or token ids (a 1-D tensor = one document, or a list of them). ``doc_stride`` (concat
+    mode): tokens between window starts, the length itself when None."""
+    integer(n_docs, "n_docs", minimum=1, maximum=MAX_COUNT)
+    if doc_stride is not None:
+        integer(doc_stride, "doc_stride", minimum=1, maximum=MAX_COUNT)
     longest = max(lengths)
     if isinstance(data, torch.Tensor) or (isinstance(data, (list, tuple)) and data and isinstance(data[0], torch.Tensor)):
         docs = [data] if isinstance(data, torch.Tensor) else list(data)
@@ -148,7 +153,7 @@ def select_windows(data: Any, lengths: Sequence[int], mode: str, n_docs: int, se
     parts, names, total = [], [], 0
     stream = iter(encoded)
     for L in lengths:
-        stride = doc_stride or L
+        stride = L if doc_stride is None else doc_stride
         need = (n_docs - 1) * stride + L
         while total < need:
             item = next(stream, None)

@@ -277,12 +277,41 @@ def _stream_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
     return [line + "."]
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write report.md, CSVs and PNGs for ``run_dir`` (from whatever cells are stored); returns report.md."""
+COMMON_FIELDS = (("key", "task"), ("key", "model", "name"), ("key", "model", "fingerprint"), ("key", "method"),
+                 ("key", "trained_length"))
+TASK_FIELDS = {
+    "ppl": (("key", "length"), ("result", "ppl"), ("result", "buckets")),
+    "passkey": (("key", "length"), ("key", "depth"), ("key", "n_keys"), ("key", "format"), ("key", "trials"),
+                ("result", "trials"), ("result", "exact"), ("result", "digit_acc")),
+    "stream": (("key", "label"), ("key", "config"), ("key", "document"), ("result", "nll"), ("result", "tokens"),
+               ("result", "buckets")),
+}
+BUCKET_FIELDS = {"ppl": ("start", "end", "ppl"), "stream": ("end", "nll", "tokens", "cache_bytes")}
+
+
+def report_problem(record: dict[str, Any]) -> str | None:
+    """Why the report cannot use ``record`` (a field it reads is missing), or None."""
+    task = record["key"].get("task")
+    for path in COMMON_FIELDS + TASK_FIELDS.get(task, ()):
+        value: Any = record
+        for part in path:
+            if not isinstance(value, dict) or part not in value:
+                return f"no {'.'.join(path)}"
+            value = value[part]
+    buckets = record["result"].get("buckets", [])
+    needed = BUCKET_FIELDS.get(task, ())
+    if not isinstance(buckets, list) or not all(isinstance(b, dict) and all(f in b for f in needed) for b in buckets):
+        return f"result.buckets is not a list of objects with {', '.join(needed)}"
+    return None
+
+
+def write_report(run_dir: str | Path, repair: bool = False) -> Path:
+    """Write report.md, CSVs and PNGs for ``run_dir`` (from whatever cells are stored); returns report.md.
+    A record the report cannot read is an error naming its line; ``repair`` drops such records."""
     run = Path(run_dir).expanduser()
     if not (run / RESULTS).is_file():
         raise FileNotFoundError(f"{str(run)!r} is not a run directory: it has no {RESULTS}")
-    records = ResultStore(run / RESULTS).records()
+    records = ResultStore(run / RESULTS, repair=repair, check=report_problem).records()
     out_dir = run / "report"
     out_dir.mkdir(exist_ok=True)
     names: dict[str, set[str]] = defaultdict(set)

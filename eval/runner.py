@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rope_ext
+from rope_ext.validate import integer
 
 from .results import ResultStore
 from .spec import SLIDING
@@ -24,9 +25,7 @@ def choose_threads(requested: int | None = None) -> int:
     process on 2 cores, torch's default of one thread per core ran 4.5x slower than 1 thread), else
     every core."""
     if requested is not None:
-        if not isinstance(requested, int) or requested < 1:
-            raise ValueError(f"threads must be an integer >= 1, got {requested!r}")
-        return requested
+        return integer(requested, "threads (requested)", minimum=1, maximum=1024)
     busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 1
     return 1 if busy else (os.cpu_count() or 1)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from rope_ext.facts import trained_length  # noqa: F401  (the harness's one import of it)
 from rope_ext.methods import RopeSpec, registry
+from rope_ext.validate import MAX_COUNT, integer
 
 SLIDING = "sliding_window"
 
@@ -60,7 +61,8 @@ def resolve(method: str, given: dict[str, Any], length: int, spec: RopeSpec, sli
     stride = window / 2 unless given."""
     params = dict(given)
     if method == SLIDING:
-        window = params.setdefault("window", spec.trained_length)
-        params.setdefault("stride", sliding_stride or max(1, window // 2))
+        window = integer(params.setdefault("window", spec.trained_length), f"{SLIDING}.window", minimum=1, maximum=MAX_COUNT)
+        stride = params.setdefault("stride", max(1, window // 2) if sliding_stride is None else sliding_stride)
+        integer(stride, f"{SLIDING}.stride (--sliding-stride)", minimum=1, maximum=window)
         return params
     return registry.get(method).defaults_for(spec, length, **params)

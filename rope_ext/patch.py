@@ -72,7 +72,14 @@ def patched(model: nn.Module, method: str, **params: Any) -> Iterator[Patch]:
 
 def current(model: nn.Module) -> Patch | None:
     """The active Patch of ``model``, or None."""
-    return model.__dict__.get(ATTR)
+    return _checked(model).__dict__.get(ATTR)
+
+
+def _checked(model: Any) -> nn.Module:
+    """``model`` if it is a transformers model (an nn.Module with a config), else a TypeError."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel (e.g. from rope_ext.load), got {type(model).__name__}")
+    return model
 
 
 @dataclass
@@ -98,9 +105,10 @@ class Patch:
 def _resolve(model: nn.Module, method: str, kernel: str, train_attention: Any, params: dict[str, Any]):
     from rope_ext.patches import family_for
 
-    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    device = next(model.parameters()).device
+    first = next(model.parameters(), None)
+    if first is None:
+        raise ValueError(f"{type(model).__name__} has no parameters: not a language model rope_ext can patch")
+    device = first.device
     kernel = resolve_kernel(kernel, device)
     family = family_for(model)
     built = build_method(method, params)
@@ -227,12 +235,30 @@ def _write_config(rec: Recorder, model: nn.Module, family, method: Method, specs
             return {**old, "rope_ext": NOT_NATIVE.format(method=method.name)}
         return {**{k: old[k] for k in keep if k in old}, **new}
 
-    if layered:
-        rec.setattr(config, "rope_parameters", {lt: rewrite(config.rope_parameters[lt], p) for lt, p in native.items()})
-    else:
-        rec.setattr(config, "rope_parameters", rewrite(config.rope_parameters, native[None]))
+    def rewritten(native: dict) -> dict:
+        if layered:
+            return {lt: rewrite(config.rope_parameters[lt], p) for lt, p in native.items()}
+        return rewrite(config.rope_parameters, native[None])
+
+    parameters = rewritten(native)
+    if not _accepted(config, parameters):
+        parameters = rewritten(dict.fromkeys(native))
+    rec.setattr(config, "rope_parameters", parameters)
     block = {"method": method.name, "params": _jsonable(method.params()), "original_rope_parameters": original}
     rec.setattr(config, "rope_ext", block)
+
+
+def _accepted(config: Any, rope_parameters: dict) -> bool:
+    """Whether the family's config class accepts these rope_parameters (Phi-3's accepts only its own
+    default / longrope types): if not, the method is saved as rope_ext's only, never as a config
+    that transformers refuses to save or load."""
+    trial = copy.deepcopy(config)
+    trial.rope_parameters = rope_parameters
+    try:
+        trial.validate_rope()
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:

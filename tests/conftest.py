@@ -7,6 +7,7 @@ from ``rope_ext.methods.names()``, and each method's example parameters from its
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import pytest
@@ -77,3 +78,12 @@ def method_params(name: str, model, length: int, **given: Any) -> dict[str, Any]
 @pytest.fixture
 def tiny():
     return make_tiny
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same state of torch's generators (CPU and CUDA) and python's
+    ``random``, so what it draws does not depend on which tests ran before it. (numpy's global
+    generator is not drawn from by the tests or rope_ext.)"""
+    random.seed(0)
+    torch.manual_seed(0)

@@ -3,7 +3,9 @@
 * no import cycle among rope_ext's modules at module level, TYPE_CHECKING blocks included (imports
   inside functions are deferred on purpose and not counted);
 * ``rope_ext.kernels`` imports nothing of rope_ext outside it;
-* ``rope_ext.methods`` (formulas, the method contract) imports no transformers and no glue;
+* ``rope_ext.methods`` (formulas, the method contract) imports no transformers and no glue (only the
+  leaf ``rope_ext.validate``);
+* the leaves ``rope_ext.validate`` and ``rope_ext.lengths`` import nothing of rope_ext;
 * the eval harness and LongLoRA know methods only through the public API and the registry.
 """
 from __future__ import annotations
@@ -97,10 +99,16 @@ def test_kernels_import_nothing_above_them(name):
     assert not above, f"{name} imports {sorted(above)}"
 
 
+@pytest.mark.parametrize("name", ["rope_ext.validate", "rope_ext.lengths"])
+def test_leaf_modules_import_nothing_of_rope_ext(name):
+    found = {m for m in imports(name, MODULES[name], False) if m.startswith("rope_ext")}
+    assert not found, f"{name} is a leaf that anything may import; it imports {sorted(found)}"
+
+
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("rope_ext.methods")))
 def test_methods_import_no_transformers_and_no_glue(name):
     found = imports(name, MODULES[name], False)
-    allowed = ("rope_ext.methods", "rope_ext.kernels")
+    allowed = ("rope_ext.methods", "rope_ext.kernels", "rope_ext.validate")
     assert not {m for m in found if m.split(".")[0] == "transformers"}, f"{name} imports transformers"
     assert not {m for m in found if m.startswith("rope_ext") and not m.startswith(allowed)}, f"{name} imports glue"
 

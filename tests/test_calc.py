@@ -85,6 +85,7 @@ def test_non_monotonic_feasibility_is_found_and_reported(brute):
         assert bound.feasible_islands == [pytest.approx(r) for r in runs]
 
 
+@pytest.mark.slow
 def test_base_bound_d128_lands_on_published_order():
     b4k, b32k = calc.base_lower_bounds([4096, 32768], 128, per_decade=100)
     assert 1e4 < b4k.first_feasible < 1e5                  # "a few times 1e4"
@@ -148,13 +149,13 @@ def test_yarn_correction_dims_are_where_wavelengths_fit_beta_times():
 
 
 @pytest.mark.parametrize("call, text", [
-    (lambda: calc.critical_dimension(127, 1e4, 4096), "127"),
-    (lambda: calc.critical_dimension(128, 1e4, 0), "0"),
-    (lambda: calc.critical_dimension(128, 1.0, 4096), "1.0"),
-    (lambda: calc.extrapolation_limit(128, 91, 1e4), "91"),
-    (lambda: calc.ntk_base_for_factor(1e4, -2.0, 128), "-2.0"),
-    (lambda: calc.yarn_correction_dims(1.0, 32.0, 128, 1e4, 4096), "1.0"),
-    (lambda: calc.base_lower_bound(0, 128), "0"),
+    (lambda: calc.critical_dimension(127, 1e4, 4096), r"head_dim must be a positive even integer .*got 127"),
+    (lambda: calc.critical_dimension(128, 1e4, 0), "trained_length must be at least 1 token, got 0"),
+    (lambda: calc.critical_dimension(128, 1.0, 4096), r"^base must be a finite number > 1 .*got 1\.0"),
+    (lambda: calc.extrapolation_limit(128, 91, 1e4), r"critical_dim must be an even integer in 0\.\.128 \(head_dim\), got 91"),
+    (lambda: calc.ntk_base_for_factor(1e4, -2.0, 128), r"factor must be a finite number > 0, got -2\.0"),
+    (lambda: calc.yarn_correction_dims(1.0, 32.0, 128, 1e4, 4096), r"beta_fast must be a finite number > 32, got 1\.0"),
+    (lambda: calc.base_lower_bound(0, 128), "^length must be at least 1 token, got 0"),
 ])
 def test_bad_input_names_the_value(call, text):
     with pytest.raises(ValueError, match=text):

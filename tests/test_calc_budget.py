@@ -94,10 +94,10 @@ def test_attention_flops_convention():
 
 
 @pytest.mark.parametrize("call, text", [
-    (lambda s: calc.kv_cache_bytes(s, 0), "0"),
-    (lambda s: calc.kv_cache_bytes(s, 10, 0), "batch_size"),
-    (lambda s: calc.kv_cache_bytes(s, 10, 1, "float13"), "float13"),
-    (lambda s: calc.attention_flops(s, -5), "-5"),
+    (lambda s: calc.kv_cache_bytes(s, 0), "^length must be at least 1 token, got 0"),
+    (lambda s: calc.kv_cache_bytes(s, 10, 0), r"batch_size must be an integer >= 1 \(sequences\), got 0"),
+    (lambda s: calc.kv_cache_bytes(s, 10, 1, "float13"), "unknown dtype 'float13'; known: float32"),
+    (lambda s: calc.attention_flops(s, -5), "^length must be at least 1 token, got -5"),
 ])
 def test_bad_input_names_the_value(call, text):
     shape = calc.attention_shape(transformers.LlamaConfig(num_hidden_layers=2))

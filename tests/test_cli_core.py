@@ -58,6 +58,7 @@ def test_methods_table_shows_every_method_and_required_params(capsys):
         assert row.index(REGISTRY[name].rotation, header.index("ROTATION")) == header.index("ROTATION")
 
 
+@pytest.mark.slow
 def test_info_smollm2(capsys):
     info = run_json(capsys, "info", "smollm2")
     assert info["family"] == "llama"

@@ -133,7 +133,7 @@ def test_ppl_docs_select_and_cut_documents(tmp_path):
         lm_eval_tasks.ppl_docs(ppl_corpus=str(folder), ppl_split="all", ppl_min_chars=1000)
     with pytest.raises(ValueError, match="unknown metadata ppl_max; allowed"):
         lm_eval_tasks.ppl_docs(ppl_corpus=str(folder), ppl_max=3)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="corpus '.*missing' not found"):
         lm_eval_tasks.ppl_docs(ppl_corpus=str(tmp_path / "missing"))
 
 
@@ -146,6 +146,7 @@ def test_task_configs_generate_exactly_the_answer_length():
     assert configs["rope_ext_passkey_classic"]["generation_kwargs"]["max_gen_toks"] == lm_eval_tasks.GEN_TOKENS["classic"]
 
 
+@pytest.mark.slow
 def test_passkey_and_ppl_tasks_run_through_simple_evaluate(lab_lm, corpus):
     metadata = {"pretrained": lab_lm, "max_length": 64, "passkey_lengths": "48,64", "passkey_depths": "0.5",
                 "passkey_trials": 2, "passkey_corpus": corpus, "ppl_corpus": corpus, "ppl_max_chars": 200}
@@ -160,6 +161,7 @@ def test_passkey_and_ppl_tasks_run_through_simple_evaluate(lab_lm, corpus):
     assert out["config"]["rope_ext_method"] == "yarn" and out["config"]["rope_ext_params"] == {"factor": 4.0}
 
 
+@pytest.mark.slow
 def test_cli_entry_runs_offline_and_reports_bad_methods(lab_lm, corpus, tmp_path, capsys):
     assert lm_eval_cli.lm_eval_argv(["--model", "x"])[:3] == ["run", "--include_path", str(lm_eval_tasks.TASKS_DIR)]
     assert lm_eval_cli.lm_eval_argv(["run", "--include_path", "d"]) == ["run", "--include_path", "d"]

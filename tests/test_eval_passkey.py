@@ -53,7 +53,7 @@ def test_multi_key_prompt_asks_one_of_its_keys(tok, filler):
 
 
 def test_too_short_length_is_an_error(tok, filler):
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match="passkey length 20 is too short"):
         pk.build_prompt(tok, pk.FORMATS["compact"], filler, 20, 0.5, random.Random(0))
 
 
@@ -103,9 +103,11 @@ def test_oracle_generation_scores_perfectly(tok, filler, monkeypatch):
 
 def test_bad_passkey_input(tok):
     model = build_model(LabConfig(context=T, layers=1, hidden=32, heads=2, intermediate=32), 259).eval()
-    for kwargs, match in ((dict(depths=[1.5]), "depths"), (dict(fmt="fancy"), "format"), (dict(trials=0), "trials"),
-                          (dict(methods=["sliding_window"]), "baseline")):
+    for kwargs, match in ((dict(depths=[1.5]), r"depths must be numbers in \[0, 1\], got \[1\.5\]"),
+                          (dict(fmt="fancy"), r"fmt \(--format, the passkey format\) must be one of compact, classic, got 'fancy'"),
+                          (dict(trials=0), "trials must be an integer >= 1, got 0"),
+                          (dict(methods=["sliding_window"]), "methods: sliding_window is a perplexity baseline")):
         with pytest.raises(ValueError, match=match):
             pk.passkey(model, tok, ["2x"], **{"methods": ["none"], **kwargs}, progress=False)
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match="passkey length 24 is too short"):
         pk.passkey(model, tok, [24], ["none"], progress=False)

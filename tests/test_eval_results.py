@@ -87,19 +87,20 @@ def test_store_appends_durably_and_keys_by_content(tmp_path):
     assert reordered in ResultStore(tmp_path / "r.jsonl")
     assert cell_id(key) == cell_id(reordered) != cell_id({**key, "method": "pi"})
     (tmp_path / "bad.jsonl").write_text('{"id": "x", "key": {}, "result": {}}\nnot json\n{"id": "y"}\n')
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: damaged record\(s\) \(line 1: its id does not match its key; "
+                                         r"line 2: not valid JSON; line 3: field 'key' missing"):
         ResultStore(tmp_path / "bad.jsonl")
 
 
 @pytest.mark.parametrize("bad,match", [
     (dict(methods=["none", "nosuch"]), "unknown method 'nosuch'"),
-    (dict(lengths=["1x", "0"]), "at least 2 tokens"),
-    (dict(lengths=["-4"]), "must be tokens"),
-    (dict(method_params={"rerope": {"windw": 4}}), "windw"),
-    (dict(method_params={"rerope": {"window": T}}), "window"),
-    (dict(method_params={"yarn": {"factor": 2.0}}), "not among the methods"),
-    (dict(mode="chunked"), "mode"),
-    (dict(n_docs=0), "n_docs"),
+    (dict(lengths=["1x", "0"]), "lengths must be at least 2 tokens, got '0'"),
+    (dict(lengths=["-4"]), r"lengths must be tokens \(32768\).*got '-4'"),
+    (dict(method_params={"rerope": {"windw": 4}}), r"rerope: unknown parameter\(s\) windw; allowed: .*window"),
+    (dict(method_params={"rerope": {"window": T}}), f"rerope: window={T} must be < the trained length {T}"),
+    (dict(method_params={"yarn": {"factor": 2.0}}), "method_params for yarn, which are not among the methods run"),
+    (dict(mode="chunked"), "mode must be one of truncate, concat, got 'chunked'"),
+    (dict(n_docs=0), "n_docs must be an integer >= 1, got 0"),
 ])
 def test_bad_input_is_refused_before_any_change(model, docs, tmp_path, monkeypatch, bad, match):
     ppl.perplexity(model, docs, run_dir=tmp_path, **GRID)
@@ -118,10 +119,10 @@ def test_empty_corpus_is_refused(model, tmp_path):
     ppl.perplexity(model, [torch.arange(3, 3 + 2 * T)], run_dir=tmp_path / "run", lengths=["1x"], methods=["none"], progress=False)
     before = digest(tmp_path / "run" / RESULTS)
     (tmp_path / "blank.txt").write_text("\n\n")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"corpus '.*blank\.txt' \(split 'eval'\) is empty"):
         ppl.perplexity(model, byte_tokenizer(), ["1x"], ["none"], corpus=str(tmp_path / "blank.txt"), run_dir=tmp_path / "run", progress=False)
     (tmp_path / "short.txt").write_text("tiny")
-    with pytest.raises(ValueError, match="document"):
+    with pytest.raises(ValueError, match=rf"only 0 document\(s\) have >= {T} tokens; need 1"):
         ppl.perplexity(model, byte_tokenizer(), ["1x"], ["none"], corpus=str(tmp_path / "short.txt"), run_dir=tmp_path / "run", progress=False)
     assert digest(tmp_path / "run" / RESULTS) == before
 
@@ -166,7 +167,7 @@ def test_thread_choice(monkeypatch):
     from rope_ext.eval.runner import choose_threads
 
     assert choose_threads(3) == 3
-    with pytest.raises(ValueError, match="threads"):
+    with pytest.raises(ValueError, match=r"threads \(requested\) must be an integer >= 1, got 0"):
         choose_threads(0)
     monkeypatch.setattr("os.getloadavg", lambda: (1.5, 0.0, 0.0))
     assert choose_threads() == 1

@@ -114,16 +114,19 @@ def test_resume_recomputes_nothing(model, ids, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"length": 1}, "tokens"), ({"sinks": -1}, "sinks"), ({"cache_window": 0}, "cache_window"),
-    ({"configs": ["dense", "streaming"]}, "unknown streaming config 'streaming'"), ({"recompute_every": 0}, "recompute_every"),
-    ({"method": "nonesuch"}, "unknown method"), ({"method_params": {"sinks": 2}}, "sinks"),
+    ({"length": 1}, r"length \(--tokens\) must be at least 2 tokens, got 1"), ({"sinks": -1}, "sinks must be an integer >= 0, got -1"),
+    ({"cache_window": 0}, "cache_window must be an integer >= 1, got 0"),
+    ({"configs": ["dense", "streaming"]}, "unknown streaming config 'streaming'; choose from: dense"),
+    ({"recompute_every": 0}, "recompute_every must be an integer >= 1, got 0"),
+    ({"method": "nonesuch"}, "unknown method 'nonesuch'; registered methods"),
+    ({"method_params": {"sinks": 2}}, "give sinks as stream_perplexity arguments"),
 ])
 def test_bad_input_fails_before_anything_is_written(model, ids, tmp_path, kwargs, message):
     args = {"configs": ["dense", "sinks"], **kwargs}
     with pytest.raises(ValueError, match=message):
         stream_perplexity(model, ids, run_dir=tmp_path / "run", progress=False, **args)
     assert not (tmp_path / "run").exists()
-    with pytest.raises(ValueError, match="tokens"):
+    with pytest.raises(ValueError, match=r"length \(tokens\) must be at least 2 \(one prediction\), got a document of 1 token"):
         stream_perplexity(model, ids[:1], ["dense"], run_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -156,4 +159,4 @@ def test_cli_stream_runs_from_the_corpus_and_resumes(tmp_path, capsys):
     assert main(argv) == 0
     assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 2
     assert main([*common, "--cache-window", "0"]) == 2
-    assert "cache_window" in capsys.readouterr().err
+    assert "argument --cache-window: must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -5,6 +5,8 @@ Tolerance: float32 1e-5 (both sides sum the same terms in a different order); bf
 (each side rounds its partial outputs to bf16). Cases: windows 1, small, and >= the length; GQA,
 MQA and plain heads; padding masks with HF's left-padding positions; packed rows whose positions
 restart; decode (Lq = 1 with a cache) and chunked prefill (1 < Lq < Lk); several query blocks.
+These run on CPU tensors (the math); ``test_gpu_merged_equals_reference`` runs CUDA's flash /
+memory-efficient SDPA at model sizes on ``kernel_device()`` where CUDA is present.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from rope_ext.kernels.two_part_merged import (
     two_part_attention_merged,
 )
 from rope_ext.kernels.two_part_reference import two_part_attention
+from kernel_device import gpu_only, kernel_device
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 
@@ -142,26 +145,26 @@ def test_merge_of_disjoint_key_sets_is_full_softmax():
 
 def test_bad_arguments_are_refused():
     tensors = inputs(1, 3, 2, 4, 4, 8)
-    with pytest.raises(ValueError, match="Hkv dividing 3"):
+    with pytest.raises(ValueError, match=r"k/v must be \(B=1, Hkv dividing 3, Lk >= 4, d\); got \(1, 2, 4, 8\)"):
         two_part_attention_merged(*tensors, *aligned_positions(1, 4, 4), 2, None, 0.3)
     tensors = inputs(1, 4, 2, 4, 4, 8)
-    with pytest.raises(ValueError, match="window and block_size must be ints >= 1"):
+    with pytest.raises(ValueError, match="window and block_size must be ints >= 1, got window=0, block_size=512"):
         two_part_attention_merged(*tensors, *aligned_positions(1, 4, 4), 0, None, 0.3)
     with pytest.raises(ValueError, match=r"q_pos must be \(1, 4\)"):
         two_part_attention_merged(*tensors, torch.arange(3)[None], torch.arange(4)[None], 2, None, 0.3)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (flash / memory-efficient SDPA)")
+@gpu_only("flash / memory-efficient SDPA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_merged_equals_reference(dtype):
     tol = F32 if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    dev = kernel_device()
     for Lq, Lk, window, padded in ((300, 300, 64, False), (1, 500, 64, False), (17, 300, 64, False), (200, 200, 16, True)):
-        tensors = [t.cuda() for t in inputs(2, 8, 2, Lq, Lk, 64, dtype=dtype, seed=Lq)]
+        tensors = [t.to(dev) for t in inputs(2, 8, 2, Lq, Lk, 64, dtype=dtype, seed=Lq)]
         if padded:
             pos, allowed = hf_left_padding(2, Lq, pads=[0, 37])
-            q_pos, k_pos, allowed = pos.cuda(), pos.cuda(), allowed.cuda()
+            q_pos, k_pos, allowed = pos.to(dev), pos.to(dev), allowed.to(dev)
         else:
-            (q_pos, k_pos), allowed = (p.cuda() for p in aligned_positions(2, Lq, Lk)), None
+            (q_pos, k_pos), allowed = (p.to(dev) for p in aligned_positions(2, Lq, Lk)), None
         args = (*tensors, q_pos, k_pos, window, allowed, 0.125, None, 128)
         torch.testing.assert_close(two_part_attention_merged(*args).float(), two_part_attention(*args).float(), **tol)

@@ -21,7 +21,7 @@ def test_collect_files_takes_named_files_and_matching_files_under_directories(tm
     (tmp_path / "x.py").write_text("x")
     files = D.collect_files([str(tmp_path / "x.py"), str(tmp_path / "d")], (".txt", ".jsonl"))
     assert [f.name for f in files] == ["x.py", "b.txt", "a.jsonl"]
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(FileNotFoundError, match="data not found: .*nope"):
         D.collect_files([str(tmp_path / "nope")], (".txt",))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no files ending in .txt"):

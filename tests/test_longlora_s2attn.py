@@ -123,12 +123,17 @@ def test_group_runs_partition_the_sequence():
                 assert covered == list(range(L))
 
 
-@pytest.mark.parametrize("kwargs,match", [({"group_size_ratio": 0.0}, "group_size_ratio"), ({"group_size_ratio": 1.5}, "group_size_ratio"),
-                                          ({"group_size": 0}, "group_size"), ({"group_size": 2.5}, "group_size"), ({"wrap": "no"}, "wrap")])
+@pytest.mark.parametrize("kwargs,match", [
+    ({"group_size_ratio": 0.0}, r"group_size_ratio must be a number in \(0, 1\], got 0\.0"),
+    ({"group_size_ratio": 1.5}, r"group_size_ratio must be a number in \(0, 1\], got 1\.5"),
+    ({"group_size": 0}, "group_size must be an integer >= 1 or None, got 0"),
+    ({"group_size": 2.5}, r"group_size must be an integer >= 1 or None, got 2\.5"),
+    ({"wrap": "no"}, "wrap must be True or False, got 'no'"),
+])
 def test_bad_parameters_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         S2Attn(**kwargs)
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="^group_size must be an integer >= 1, got 0"):
         shifted_sparse_attention(*qkv(), sdpa_causal, 0)
 
 
@@ -154,8 +159,9 @@ def test_through_the_patch_training_uses_s2attn_and_inference_full_attention(att
         assert torch.allclose(models["s2"](ids).logits, models["full"](ids).logits, atol=1e-5)
         for m in models.values():
             m.train()
-        s2, ref, full = (models[n](ids, labels=ids).loss for n in ("s2", "ref", "full"))
-    assert torch.allclose(s2, ref, atol=1e-5) and not torch.allclose(s2, full, atol=1e-3)
+        s2, ref, full = (models[n](ids).logits for n in ("s2", "ref", "full"))
+    effect = (s2 - full).abs().max().item()
+    assert torch.allclose(s2, ref, atol=1e-5) and effect >= 100 * 1e-5, f"S2-Attn changed the training logits by {effect:.2e}"
 
 
 @pytest.mark.parametrize("family", ATTENTION_FAMILIES)

@@ -117,7 +117,7 @@ def test_dynamic_methods_are_plain_inside_trained_length_and_grow_past_it(name):
 def test_target_length_gives_factor():
     m = REGISTRY["yarn"](target_length=1024).bind(spec(L0=128))
     assert m.factor == 8.0
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(ValueError, match=r"yarn: factor=4\.0 and target_length=1024 disagree"):
         REGISTRY["yarn"](target_length=1024, factor=4.0).bind(spec(L0=128))
     with pytest.raises(ValueError, match="factor .* or target_length"):
         REGISTRY["pi"]().bind(spec())

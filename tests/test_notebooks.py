@@ -65,6 +65,7 @@ def test_stored_without_outputs(path):
     parameters_index(book)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_runs_on_the_lab_model(path, tmp_path, lab_cache):
     book = run_notebook(path, tmp_path / "work", {"FAST": True, "CACHE": str(lab_cache), "THREADS": 1})

@@ -82,6 +82,7 @@ def test_non_native_method_reloads_with_rope_ext_and_warns_on_save(tmp_path):
     assert rope_ext.current(plain) is None and plain.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.slow
 def test_smollm2_loads_and_patches():
     model, tok = rope_ext.load("smollm2")
     assert model.config.model_type == "llama" and model.config.max_position_embeddings == 8192

@@ -48,9 +48,9 @@ def check_length(length: int | str, name: str = "length") -> int:
     return parse_length(length, None, name)
 
 
-def check_head_dim(head_dim: int) -> int:
+def check_head_dim(head_dim: int, name: str = "head_dim") -> int:
     if isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer)) or head_dim < 2 or head_dim % 2:
-        raise ValueError(f"head_dim must be a positive even integer (2, 4, ..., e.g. 128), got {head_dim!r}")
+        raise ValueError(f"{name} must be a positive even integer (2, 4, ..., e.g. 128), got {head_dim!r}")
     return int(head_dim)
 
 

@@ -51,7 +51,7 @@ def recommend(target_length: int, rotary_dim: int, rope_theta: float, trained_le
     (the one source that eval and LongLoRA use too) beside its fixed dataclass defaults, with the
     reasoning and the published reference. Every registered method for pretrained RoPE models is
     covered except ``none``; ALiBi and NoPE serve models trained with them and get no recommendation."""
-    T, d = check_length(target_length, "target_length"), check_head_dim(rotary_dim)
+    T, d = check_length(target_length, "target_length"), check_head_dim(rotary_dim, "rotary_dim")
     b, L0 = check_base(rope_theta, "rope_theta"), check_length(trained_length, "trained_length")
     if d < 4:
         raise ValueError(f"rotary_dim must be >= 4 to recommend parameters (NTK uses d / (d - 2)), got {d}")

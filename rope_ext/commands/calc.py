@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rope_ext.lengths import parse_lengths
+from rope_ext.validate import COUNT, flag, integer
 
 DEFAULT_LENGTHS = "1k,2k,4k,8k,16k,32k,64k,128k"
 
@@ -33,8 +34,8 @@ def add_parser(subparsers) -> None:
 
     bound = sub.add_parser("bound", help="lower bound of the RoPE base per context length (Men et al. 2024)")
     bound.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"comma-separated context lengths: tokens, 32k, 1M (default {DEFAULT_LENGTHS})")
-    bound.add_argument("--head-dim", type=int, default=128, help="rotary head dimension d (even; default 128)")
-    bound.add_argument("--per-decade", type=int, default=100, help="bases scanned per factor of 10 (default 100)")
+    bound.add_argument("--head-dim", type=flag(integer, minimum=2, maximum=1 << 16), default=128, help="rotary head dimension d (even; default 128)")
+    bound.add_argument("--per-decade", type=flag(integer, minimum=1, maximum=10_000), default=100, help="bases scanned per factor of 10 (default 100)")
     bound.add_argument("--plot", metavar="PNG", help="write a log-log plot of the bound against L to this .png")
     bound.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bound.set_defaults(func=run)
@@ -55,7 +56,7 @@ def add_parser(subparsers) -> None:
 
 
 def _budget_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences in the batch (default 1)")
+    parser.add_argument("--batch-size", type=COUNT, default=1, help="sequences in the batch (default 1)")
     parser.add_argument("--dtype", default="bfloat16", help="cache dtype name (bfloat16, float32, fp8, int4 ...) or bytes per element")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 

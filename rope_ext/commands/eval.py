@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from rope_ext.validate import COUNT, NON_NEGATIVE, SEED, THREADS
+
 DEFAULT_METHODS = "none,pi,ntk,yarn,rerope,leaky_rerope"
 
 
@@ -29,11 +31,13 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a checkpoint directory (e.g. from `rope-ext pretrain`), a .gguf, or smollm2")
     p.add_argument("--run-dir", required=True, help="directory for results.jsonl, config.json, env.json and the report")
     p.add_argument("--corpus", default="stdlib", help="'stdlib' (held-out split), a directory, a .jsonl or a text file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--threads", type=THREADS, default=None,
                    help="torch CPU threads (default: 1 when the 1-minute load average is above 1, else every core)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--repair", action="store_true", help="drop damaged records of --run-dir's results.jsonl (after naming them) "
+                   "and recompute their cells, instead of stopping")
 
 
 def add_parser(subparsers) -> None:
@@ -44,34 +48,34 @@ def add_parser(subparsers) -> None:
     _common(ppl)
     ppl.add_argument("--mode", choices=("truncate", "concat"), default="truncate",
                      help="truncate: documents cut to each length (YaRN); concat: windows of a joined stream (LongLoRA)")
-    ppl.add_argument("--docs", type=int, default=1, help="windows (documents) per cell (default: 1)")
-    ppl.add_argument("--doc-stride", type=int, default=None, help="concat mode: tokens between window starts (default: the length)")
+    ppl.add_argument("--docs", type=COUNT, default=1, help="windows (documents) per cell (default: 1)")
+    ppl.add_argument("--doc-stride", type=COUNT, default=None, help="concat mode: tokens between window starts (default: the length)")
     ppl.add_argument("--no-sliding", action="store_true", help="leave out the sliding-window baseline")
-    ppl.add_argument("--sliding-stride", type=int, default=None, help="stride of the sliding-window baseline (default: trained length // 2)")
-    ppl.add_argument("--buckets", type=int, default=16, help="position buckets per window (default: 16)")
-    ppl.add_argument("--chunk-size", type=int, default=1024, help="positions per lm_head + loss chunk (default: 1024)")
+    ppl.add_argument("--sliding-stride", type=COUNT, default=None, help="stride of the sliding-window baseline (default: trained length // 2)")
+    ppl.add_argument("--buckets", type=COUNT, default=16, help="position buckets per window (default: 16)")
+    ppl.add_argument("--chunk-size", type=COUNT, default=1024, help="positions per lm_head + loss chunk (default: 1024)")
     ppl.set_defaults(func=run)
     pk = sub.add_parser("passkey", help="passkey retrieval over lengths x depths")
     _common(pk)
     pk.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="key depths in [0, 1] (default: 0,0.25,0.5,0.75,1)")
-    pk.add_argument("--trials", type=int, default=10, help="prompts per (length, depth) (default: 10)")
-    pk.add_argument("--keys", type=int, default=1, help="keys in the prompt; > 1 = multi-key, one asked (default: 1)")
+    pk.add_argument("--trials", type=COUNT, default=10, help="prompts per (length, depth) (default: 10)")
+    pk.add_argument("--keys", type=COUNT, default=1, help="keys in the prompt; > 1 = multi-key, one asked (default: 1)")
     pk.add_argument("--format", choices=("compact", "classic"), default="compact",
                     help="compact: '... pass key #NNNNN. ... What is the pass key? #' (lab); classic: the papers' sentences")
-    pk.add_argument("--batch-size", type=int, default=16)
+    pk.add_argument("--batch-size", type=COUNT, default=16)
     pk.set_defaults(func=run)
     st = sub.add_parser("stream", help="streaming perplexity, one token at a time through the KV cache (attention sinks)")
     _model_options(st)
     st.add_argument("--tokens", required=True, help="tokens streamed per document: 8192, 64k, or a multiple of the trained length (64x)")
     st.add_argument("--configs", default="dense,window,sinks,sliding",
                     help="comma-separated: dense, window (last W), sinks (first S + last W), sliding (recompute over S + W) (default: all)")
-    st.add_argument("--sinks", type=int, default=4, help="S: first tokens kept by the sinks config (default: 4)")
-    st.add_argument("--cache-window", type=int, default=2044, help="W: last tokens kept by window / sinks (default: 2044)")
+    st.add_argument("--sinks", type=NON_NEGATIVE, default=4, help="S: first tokens kept by the sinks config (default: 4)")
+    st.add_argument("--cache-window", type=COUNT, default=2044, help="W: last tokens kept by window / sinks (default: 2044)")
     st.add_argument("--method", default="none", help="a method every config runs under, e.g. yarn (default: none = the model as loaded)")
     _method_params_option(st)
-    st.add_argument("--docs", type=int, default=1, help="documents (consecutive pieces of the joined corpus) per config (default: 1)")
-    st.add_argument("--bucket", type=int, default=256, help="prediction positions per reported bucket (default: 256)")
-    st.add_argument("--recompute-every", type=int, default=1,
+    st.add_argument("--docs", type=COUNT, default=1, help="documents (consecutive pieces of the joined corpus) per config (default: 1)")
+    st.add_argument("--bucket", type=COUNT, default=256, help="prediction positions per reported bucket (default: 256)")
+    st.add_argument("--recompute-every", type=COUNT, default=1,
                     help="sliding: measure only every K-th prediction (positions 0, K, 2K ...), to keep it affordable (default: 1)")
     st.set_defaults(func=run)
 
@@ -118,34 +122,21 @@ def _finish(args: argparse.Namespace, run_dir: Path) -> int:
     return 0
 
 
-def run_stream(args: argparse.Namespace) -> int:
+def run_stream(args: argparse.Namespace, run_dir) -> None:
     import rope_ext
     from rope_ext.eval.spec import parse_method_params
-    from rope_ext.eval.stream import check_settings, parse_configs, stream_perplexity
+    from rope_ext.eval.stream import stream_perplexity
 
-    configs = parse_configs(args.configs)
-    check_settings(args.sinks, args.cache_window, args.docs, args.bucket, args.recompute_every)
     method = rope_ext.methods.get(args.method).name
     params = parse_method_params(args.method_params, [method]).get(method, {})
     name, model, tokenizer, record = _load(args)
-    stream_perplexity(model, tokenizer, configs, length=args.tokens, sinks=args.sinks, cache_window=args.cache_window,
+    stream_perplexity(model, tokenizer, args.configs, length=args.tokens, sinks=args.sinks, cache_window=args.cache_window,
                       method=method, method_params=params, n_docs=args.docs, bucket=args.bucket,
                       recompute_every=args.recompute_every, seed=args.seed, corpus=args.corpus, model_name=name,
-                      run_dir=args.run_dir, record=record)
-    return _finish(args, Path(args.run_dir).expanduser())
+                      run_dir=run_dir, record=record)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.eval_task == "stream":
-        return run_stream(args)
-    from rope_ext.eval.results import RunDir
-    from rope_ext.eval.spec import parse_method_params, parse_methods
-
-    methods = parse_methods(args.methods)
-    method_params = parse_method_params(args.method_params, methods + ["sliding_window"])
-    depths = _depths(args.depths) if args.eval_task == "passkey" else None
-    model_source(args.model)
-    run_dir = RunDir(args.run_dir)
+def run_task(args: argparse.Namespace, run_dir, methods: list[str], method_params: dict, depths: list[float] | None) -> None:
     name, model, tokenizer, record = _load(args)
     if args.eval_task == "ppl":
         from rope_ext.eval.ppl import perplexity
@@ -160,4 +151,31 @@ def run(args: argparse.Namespace) -> int:
         passkey(model, tokenizer, args.lengths, methods, depths, trials=args.trials, n_keys=args.keys, fmt=args.format,
                 method_params=method_params, seed=args.seed, corpus=args.corpus, batch_size=args.batch_size,
                 model_name=name, run_dir=run_dir, record=record)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check every input, create the run directory, compute; a run directory this command created
+    is removed again if it fails before storing any result."""
+    from rope_ext.eval.results import RunDir
+    from rope_ext.eval.spec import parse_method_params, parse_methods
+
+    if args.eval_task == "stream":
+        from rope_ext.eval.stream import check_settings, parse_configs
+
+        parse_configs(args.configs)
+        check_settings(args.sinks, args.cache_window, args.docs, args.bucket, args.recompute_every)
+    else:
+        methods = parse_methods(args.methods)
+        method_params = parse_method_params(args.method_params, methods + ["sliding_window"])
+        depths = _depths(args.depths) if args.eval_task == "passkey" else None
+    model_source(args.model)
+    run_dir = RunDir(args.run_dir, repair=args.repair)
+    try:
+        if args.eval_task == "stream":
+            run_stream(args, run_dir)
+        else:
+            run_task(args, run_dir, methods, method_params, depths)
+    except BaseException:
+        run_dir.discard_if_unused()
+        raise
     return _finish(args, run_dir.path)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from rope_ext.validate import flag, integer
+
 
 def add_parser(subparsers) -> None:
     from rope_ext.longlora.config import add_arguments
@@ -25,7 +27,7 @@ def add_parser(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    parser.add_argument("--num-processes", type=int, default=1, help="processes to launch with accelerate (default: 1, in this process)")
+    parser.add_argument("--num-processes", type=flag(integer, minimum=1, maximum=1024), default=1, help="processes to launch with accelerate (default: 1, in this process)")
     parser.add_argument("--accelerate-config", help="an accelerate config file (e.g. recipes/accelerate/ddp.yaml) to launch with")
     parser.set_defaults(func=run)
 

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any
 
+from rope_ext.validate import COUNT, NON_NEGATIVE, SEED, THREADS, flag, number
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream a generation with tokens/s and cache size", description=__doc__,
@@ -20,11 +22,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", required=True, help="tokens to generate (e.g. 20000 or 20k)")
     p.add_argument("--method", default="none", help="a registered method (default none: plain RoPE)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method parameter (repeatable)")
-    p.add_argument("--sinks", type=int, default=None, help="attention sinks kept at the start of the cache (StreamingLLM)")
-    p.add_argument("--cache-window", type=int, default=None, help="most recent tokens kept in the cache")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as rope-ext eval)")
+    p.add_argument("--sinks", type=NON_NEGATIVE, default=None, help="attention sinks kept at the start of the cache (StreamingLLM)")
+    p.add_argument("--cache-window", type=COUNT, default=None, help="most recent tokens kept in the cache")
+    p.add_argument("--temperature", type=flag(number, at_least=0, at_most=100), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: as rope-ext eval)")
     p.add_argument("--quiet-text", action="store_true", help="do not print the generated text")
     p.set_defaults(func=run)
 

@@ -8,17 +8,40 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..validate import MAX_COUNT, integer, number
+from ..validate import flag as validated_flag
+
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("constant_with_warmup", "linear", "cosine", "constant")
+BOUNDS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
+    # every numeric setting's range, checked the same way in a recipe, a flag and the Python API
+    "target_length": (integer, {"minimum": 2, "maximum": MAX_COUNT}),
+    "group_size_ratio": (number, {"above": 0, "at_most": 1}),
+    "lora_rank": (integer, {"minimum": 1, "maximum": 1 << 16}),
+    "lora_alpha": (number, {"above": 0, "at_most": 1e6}),
+    "lora_dropout": (number, {"at_least": 0, "below": 1}),
+    "learning_rate": (number, {"above": 0, "at_most": 1}),
+    "weight_decay": (number, {"at_least": 0, "at_most": 1}),
+    "warmup_steps": (integer, {"minimum": 0, "maximum": MAX_COUNT}),
+    "max_steps": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
+    "batch_size": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
+    "grad_accum": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
+    "max_grad_norm": (number, {"above": 0, "at_most": 1e6}),
+    "seed": (integer, {"minimum": 0, "maximum": 2**32 - 1}),
+    "save_every": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
+    "keep_checkpoints": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
+    "stop_after": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
+    "eval_docs": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
+}
 # fields that may differ between a run and its --resume; every other one must match
 RESUMABLE = ("resume", "stop_after", "save_every", "keep_checkpoints", "max_steps", "merge", "evaluate", "eval_corpus", "eval_docs")
 
@@ -80,17 +103,9 @@ class FinetuneConfig:
         _check_str(self, "model", "output_dir", "method", "attn_implementation", "text_key", "eval_corpus")
         if not self.data or not all(isinstance(p, str) and p for p in self.data):
             raise ValueError(f"data must list at least one file or directory, got {list(self.data)!r}")
-        for name, minimum in (("target_length", 2), ("lora_rank", 1), ("warmup_steps", 0), ("max_steps", 1),
-                              ("batch_size", 1), ("grad_accum", 1), ("save_every", 1), ("keep_checkpoints", 1), ("seed", 0),
-                              ("eval_docs", 1)):
-            _check_int(name, getattr(self, name), minimum)
-        if self.stop_after is not None:
-            _check_int("stop_after", self.stop_after, 1)
-        for name in ("learning_rate", "lora_alpha", "max_grad_norm"):
-            _check_number(name, getattr(self, name), lambda v: v > 0, "> 0")
-        _check_number("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0")
-        _check_number("lora_dropout", self.lora_dropout, lambda v: 0 <= v < 1, "in [0, 1)")
-        _check_number("group_size_ratio", self.group_size_ratio, lambda v: 0 < v <= 1, "in (0, 1]")
+        for name, (check, bounds) in BOUNDS.items():
+            if not (name == "stop_after" and self.stop_after is None):
+                check(getattr(self, name), name, **bounds)
         for name, allowed in (("mixed_precision", MIXED_PRECISION), ("model_dtype", DTYPES), ("lr_scheduler", SCHEDULERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -114,16 +129,6 @@ def _check_str(config: FinetuneConfig, *names: str) -> None:
         value = getattr(config, name)
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: Any, ok, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise ValueError(f"{name} must be a number {what}, got {value!r}")
 
 
 HELP = {
@@ -167,13 +172,31 @@ def _is_sequence(name: str) -> bool:
     return typing.get_origin(HINTS[name]) is tuple
 
 
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` (plain data only: a ``!!python/...`` tag is never constructed, let alone
+    run); malformed or tagged YAML is a ValueError naming ``where`` and the problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where} is not plain YAML: {problem}{place} (recipes hold mappings, lists, strings, numbers and "
+                         "booleans; tags such as !!python/... are refused, never run)") from None
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML recipe; unknown keys are an error that lists the allowed ones."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} not found")
-    with path.open() as fh:
-        recipe = yaml.safe_load(fh) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"recipe {path} is not UTF-8 text ({err})") from None
+    recipe = safe_yaml(text, f"recipe {path}")
+    if recipe is None:
+        recipe = {}
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a mapping of keys to values, got {type(recipe).__name__}")
     unknown = sorted(set(recipe) - set(FIELDS))
@@ -196,7 +219,7 @@ def build_config(recipe: dict[str, Any] | None = None, overrides: dict[str, Any]
     for name, value in list(values.items()):
         if _is_sequence(name):
             values[name] = tuple([value] if isinstance(value, str) else value)
-        elif _scalar_type(HINTS[name]) is float and isinstance(value, str):
+        elif name in BOUNDS and BOUNDS[name][0] is number and isinstance(value, str):
             values[name] = _float(name, value)  # YAML 1.1 reads 2e-5 (no dot) as a string
     return FinetuneConfig(**values)
 
@@ -223,22 +246,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help="a parameter of the position method, e.g. beta_fast=32 (repeatable)")
         elif _is_sequence(name):
             parser.add_argument(flag, nargs="+", default=None, metavar=name.upper(), help=f"{text}{default}")
+        elif name in BOUNDS:
+            check, bounds = BOUNDS[name]
+            parser.add_argument(flag, type=validated_flag(check, **bounds), default=None, help=f"{text}{default}")
         else:
-            parser.add_argument(flag, type=_scalar_type(hint), default=None, help=f"{text}{default}")
+            parser.add_argument(flag, default=None, help=f"{text}{default}")
 
 
 def _show(value: Any) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
-
-
-def _scalar_type(hint: Any):
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
-    kind = args[0]
-    if kind is float:
-        return float
-    if kind is int:
-        return int
-    return str
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
@@ -251,6 +267,6 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise ValueError(f"--method-param takes KEY=VALUE, got {item!r}")
-            params[key] = yaml.safe_load(value)
+            params[key] = safe_yaml(value, f"--method-param {item!r}")
         overrides["method_params"] = params
     return build_config(recipe, overrides)

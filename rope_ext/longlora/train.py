@@ -104,7 +104,7 @@ def train(config: FinetuneConfig) -> Path | None:
     model, tokenizer = build_model(config)
     data, order = build_data(job, tokenizer, files)
     training = build_training(job, model, data, order)
-    start = resume_or_begin(job, done)
+    start = resume_or_begin(job, training, done)
     end = last_step(config, start)
     announce(job, training, start, end)
     run_steps(job, training, start, end)
@@ -132,6 +132,7 @@ def check_inputs(job: Job) -> tuple[list[Path], list[tuple[int, Path]]]:
         if not done:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
         ckpt.check_resume(out, config, job.world)
+        ckpt.check_loadable(done[-1][1], ckpt.engine(job.accelerator))
     elif done:
         raise ValueError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it, or choose another output_dir")
     return files, done
@@ -159,9 +160,7 @@ def build_data(job: Job, tokenizer: Any, files: list[Path]) -> tuple[PackedSeque
 
 def build_training(job: Job, model: torch.nn.Module, data: PackedSequences, order: SampleOrder) -> Training:
     """What the loop works on: AdamW over the trainable parameters and the learning-rate schedule,
-    the model and optimizer wrapped by accelerate; with LoRA (outside FSDP / DeepSpeed) checkpoints
-    keep only the trainable parameters."""
-    from accelerate.utils import DistributedType
+    the model and optimizer wrapped by accelerate."""
     from transformers import get_scheduler
 
     config, accelerator = job.config, job.accelerator
@@ -169,19 +168,16 @@ def build_training(job: Job, model: torch.nn.Module, data: PackedSequences, orde
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED) and config.lora:
-        ckpt.keep_trainable_only(accelerator)
     return Training(model, optimizer, scheduler, params, data, order)
 
 
-def resume_or_begin(job: Job, done: list[tuple[int, Path]]) -> int:
-    """The first step to run: with ``--resume`` the last complete checkpoint is loaded (model,
-    optimizer, scheduler, RNG states) and the log cut back to it; otherwise the run's settings are
-    written and the log started afresh."""
+def resume_or_begin(job: Job, training: Training, done: list[tuple[int, Path]]) -> int:
+    """The first step to run: with ``--resume`` the last complete checkpoint is loaded (trainable
+    weights, optimizer, scheduler, RNG states; safetensors + JSON, never pickle) and the log cut back
+    to it; otherwise the run's settings are written and the log started afresh."""
     if job.config.resume:
         start, path = done[-1]
-        job.accelerator.load_state(str(path))
+        ckpt.load_checkpoint(job.accelerator, training.model, training.optimizer, training.scheduler, path)
         if job.is_main:
             _truncate_log(job.out / LOG, start)
         return start
@@ -220,7 +216,7 @@ def run_steps(job: Job, training: Training, start: int, end: int) -> None:
         if job.is_main:
             log_step(job.out / LOG, record, bar)
         if (step + 1) % config.save_every == 0 or step + 1 == end:
-            save_checkpoint(job, step + 1)
+            save_checkpoint(job, training, step + 1)
     bar.close()
 
 
@@ -253,14 +249,12 @@ def log_step(path: Path, record: dict[str, Any], bar: tqdm) -> None:
     bar.update(1)
 
 
-def save_checkpoint(job: Job, step: int) -> None:
-    """Save every process's state after ``step``; once all have saved, the main process marks the
-    checkpoint complete and deletes the oldest beyond ``keep_checkpoints``."""
+def save_checkpoint(job: Job, training: Training, step: int) -> None:
+    """Save every process's state after ``step`` (written aside, then renamed into place complete);
+    the main process then deletes the oldest beyond ``keep_checkpoints``."""
     path = ckpt.checkpoint_path(job.out, step)
-    job.accelerator.save_state(str(path))
-    job.accelerator.wait_for_everyone()
+    ckpt.save_checkpoint(job.accelerator, training.model, training.optimizer, training.scheduler, path, step)
     if job.is_main:
-        ckpt.mark_complete(path, step)
         ckpt.prune(job.out, job.config.keep_checkpoints)
 
 

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from ..validate import MAX_ALIBI_BIAS
 from .base import Method, check_number
 from .context import AttentionContext
 from .registry import register
@@ -52,7 +53,7 @@ class ALiBi(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_number(self, "max_bias", above=0.0)
+        check_number(self, "max_bias", above=0.0, at_most=MAX_ALIBI_BIAS)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         bias = alibi_bias(alibi_slopes(query.shape[1], self.max_bias), ctx.q_pos, ctx.k_pos)

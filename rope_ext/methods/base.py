@@ -18,18 +18,19 @@ The patch (``rope_ext.patch``) and the glue to transformers (``rope_ext.attentio
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 
+from ..validate import MAX_COUNT, boolean, integer, number
 from .context import AttentionContext, CachePolicy
 from .logn import logn_scale
 from .sinks import SinkPolicy
 from .spec import RopeSpec
 
 Rotation = Literal["static", "deferred", "none"]
+MAX_SETTING = 1e6  # the largest meaningful value of a float parameter without a tighter bound of its own
 
 
 def rope_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -161,8 +162,8 @@ class Method:
 
     def transformers_equivalent(self, spec: RopeSpec) -> dict[str, Any] | None:
         """What a saved config can give a plain transformers load: ``native_rope_parameters``, unless a
-        cache policy is on (transformers has no rolling sink cache: a plain load would silently differ)."""
-        return None if self.cache_policy() is not None else self.native_rope_parameters(spec)
+        cache policy or log-n scaling is on (transformers has neither: a plain load would silently differ)."""
+        return None if self.cache_policy() is not None or self.logn else self.native_rope_parameters(spec)
 
     @property
     def needs_attention_hook(self) -> bool:
@@ -188,29 +189,23 @@ def check_target_length(cls: type[Method], length: int) -> None:
         raise ValueError(f"{cls.name}: the target length must be an int >= 2 tokens, got {length!r}")
 
 
-def check_type(method: Method, field: str, kind: type | tuple[type, ...]) -> None:
-    value = getattr(method, field)
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind in (float, (int, float)) and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    if not ok:
-        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise TypeError(f"{method.name}: {field} must be {want}, got {type(value).__name__}: {value!r}")
+def check_type(method: Method, field: str, kind: type) -> None:
+    """``field`` is a bool (the only type checked without a range here)."""
+    if kind is not bool:
+        raise TypeError(f"check_type checks bools; use check_int or check_number for {field}")
+    boolean(getattr(method, field), f"{method.name}: {field}")
 
 
-def check_int(method: Method, field: str, minimum: int | None = None) -> None:
-    check_type(method, field, int)
-    value = getattr(method, field)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{method.name}: {field} must be an integer >= {minimum}, got {value}")
+def check_int(method: Method, field: str, minimum: int | None = None, maximum: int = MAX_COUNT) -> None:
+    """``field`` is an int in [minimum, maximum] (every int parameter is a count or length: <= 2^24)."""
+    integer(getattr(method, field), f"{method.name}: {field}", minimum=minimum, maximum=maximum)
 
 
-def check_number(method: Method, field: str, *, above: float | None = None, at_least: float | None = None) -> None:
-    check_type(method, field, (int, float))
-    value = float(getattr(method, field))
-    if not math.isfinite(value):
-        raise ValueError(f"{method.name}: {field} must be finite, got {value}")
-    if above is not None and not value > above:
-        raise ValueError(f"{method.name}: {field} must be > {above}, got {value}")
-    if at_least is not None and not value >= at_least:
-        raise ValueError(f"{method.name}: {field} must be >= {at_least}, got {value}")
+def check_number(method: Method, field: str, *, above: float | None = None, at_least: float | None = None,
+                 at_most: float = MAX_SETTING, above_field: str | None = None) -> None:
+    """``field`` is a finite number with the bounds given (<= ``MAX_SETTING`` unless stated);
+    ``above_field``: it must exceed that other (already checked) field."""
+    if above_field is not None:
+        above = float(getattr(method, above_field))
+    number(getattr(method, field), f"{method.name}: {field}", above=above, at_least=at_least, at_most=at_most,
+           bound_name=above_field)

@@ -13,8 +13,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..validate import MAX_BASE
 from .base import Method, RopeSpec, check_int, check_number, check_type, rope_inv_freq
 from .registry import register
+
+MAX_FACTOR = 4096.0  # scale factors in use reach 512 (LongRoPE, 4k -> 2M); more is a typo
+MAX_ATTENTION_FACTOR = 4.0  # YaRN's 0.1 ln s + 1 is 1.83 at s = 4096; 1e6 made every fp16 logit non-finite
 
 
 def pi_inv_freq(inv_freq: torch.Tensor, s: float) -> torch.Tensor:
@@ -23,13 +27,20 @@ def pi_inv_freq(inv_freq: torch.Tensor, s: float) -> torch.Tensor:
 
 
 def ntk_base(b: float, s: float, d: int) -> float:
-    """NTK-aware base change (bloc97 2023; YaRN paper eq. 16): b' = b * s^(d / (d - 2))."""
+    """NTK-aware base change (bloc97 2023; YaRN paper eq. 16): b' = b * s^(d / (d - 2)); d >= 4."""
+    _check_ntk_dim(d)
     return b * s ** (d / (d - 2))
+
+
+def _check_ntk_dim(d: int) -> None:
+    if d < 4:
+        raise ValueError(f"NTK scaling needs a rotary dimension d >= 4 (its exponent is d / (d - 2)), got d = {d}")
 
 
 def dynamic_ntk_base(b: float, s: float, seq_len: int, L0: int, d: int) -> float:
     """Dynamic NTK (emozilla 2023; YaRN paper sec. 3.3, transformers' form):
     b' = b * (s * L / L0 - (s - 1))^(d / (d - 2)) for the current length L > L0, else b."""
+    _check_ntk_dim(d)
     L = max(seq_len, L0)
     return b * ((s * L / L0) - (s - 1)) ** (d / (d - 2))
 
@@ -114,7 +125,7 @@ class ScaledMethod(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.factor is not None:
-            check_number(self, "factor", above=0.0)
+            check_number(self, "factor", above=0.0, at_most=MAX_FACTOR)
             if self.factor < self.min_factor:
                 raise ValueError(f"{self.name}: factor must be >= {self.min_factor}, got {self.factor}")
         if self.target_length is not None:
@@ -127,7 +138,11 @@ class ScaledMethod(Method):
             raise ValueError(f"{self.name}: give factor (a scale, e.g. 8) or target_length (tokens); neither was given")
         derived = target / bound.trained_length if target is not None else None
         if factor is None:
-            factor = max(derived, self.min_factor)
+            if derived < self.min_factor:
+                raise ValueError(f"{self.name}: target_length={target} is below what it can scale to: trained length "
+                                 f"{bound.trained_length} x factor >= {self.min_factor:g}; give target_length >= "
+                                 f"{math.ceil(bound.trained_length * self.min_factor)} (or no method inside the trained length)")
+            factor = derived
         elif derived is not None and not math.isclose(factor, derived, rel_tol=1e-6):
             raise ValueError(
                 f"{self.name}: factor={factor} and target_length={target} disagree (trained length "
@@ -176,20 +191,22 @@ class PositionInterpolation(ScaledMethod):
 class NTKAware(ScaledMethod):
     summary: ClassVar[str] = "NTK-aware / beta-base scaling: base * s^(d/(d-2)), or an explicit base"
     reference: ClassVar[str] = "bloc97 2023 (NTK-aware scaled RoPE); Peng et al. 2023 (YaRN) eq. 16"
-    min_factor: ClassVar[float] = 0.0
+    min_factor: ClassVar[float] = 1 / MAX_FACTOR
     base: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.base is not None:
-            check_number(self, "base", above=1.0)
+            check_number(self, "base", above=1.0, at_most=MAX_BASE)
             if self.factor is not None or self.target_length is not None:
                 raise ValueError("ntk: give either base or factor/target_length, not both")
 
     def bind(self, spec: RopeSpec) -> NTKAware:
-        if self.base is not None:
-            return Method.bind(self, spec)
-        return super().bind(spec)
+        bound = Method.bind(self, spec) if self.base is not None else super().bind(spec)
+        if not 1 < bound.new_base(spec) <= MAX_BASE:
+            raise ValueError(f"ntk: factor={bound.factor:g} turns the base {spec.rope_theta:g} into {bound.new_base(spec):g}; "
+                             f"the base must stay in (1, {MAX_BASE:g}]: give a factor closer to 1")
+        return bound
 
     def new_base(self, spec: RopeSpec) -> float:
         return self.base if self.base is not None else ntk_base(spec.rope_theta, self.s, spec.rotary_dim)
@@ -207,7 +224,7 @@ class DynamicNTK(ScaledMethod):
     summary: ClassVar[str] = "Dynamic NTK: the NTK base grows with the current length; exact with the KV cache"
     reference: ClassVar[str] = "emozilla 2023 (Dynamically scaled RoPE); Peng et al. 2023 (YaRN) sec. 3.3"
     rotation: ClassVar[str] = "deferred"
-    min_factor: ClassVar[float] = 0.0
+    min_factor: ClassVar[float] = 1 / MAX_FACTOR
     dynamic: ClassVar[bool] = True
     factor: float | None = 1.0
 
@@ -232,7 +249,7 @@ class NTKByParts(ScaledMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number(self, "alpha", at_least=0.0)
-        check_number(self, "beta", above=float(self.alpha))
+        check_number(self, "beta", above_field="alpha")
 
     def frequencies(self, spec: RopeSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
         inv = rope_inv_freq(spec.rope_theta, spec.rotary_dim)
@@ -249,10 +266,10 @@ class YaRNParams(ScaledMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number(self, "beta_slow", above=0.0)
-        check_number(self, "beta_fast", above=float(self.beta_slow))
+        check_number(self, "beta_fast", above_field="beta_slow")
         check_type(self, "truncate", bool)
         if self.attention_factor is not None:
-            check_number(self, "attention_factor", above=0.0)
+            check_number(self, "attention_factor", above=0.0, at_most=MAX_ATTENTION_FACTOR)
 
     def yarn(self, spec: RopeSpec, s: float) -> tuple[torch.Tensor, float]:
         inv = yarn_inv_freq(spec.rope_theta, spec.rotary_dim, s, self.trained_length, self.beta_fast, self.beta_slow, self.truncate)
@@ -304,7 +321,7 @@ class Llama3(ScaledMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number(self, "low_freq_factor", above=0.0)
-        check_number(self, "high_freq_factor", above=float(self.low_freq_factor))
+        check_number(self, "high_freq_factor", above_field="low_freq_factor")
 
     def frequencies(self, spec: RopeSpec, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
         inv = rope_inv_freq(spec.rope_theta, spec.rotary_dim)
