@@ -58,8 +58,9 @@ class Mutation:
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation("rerope-window-off-by-one", "rope_ext/methods/rerope.py",
              "if int((ctx.q_pos[:, -1] - ctx.k_pos[:, 0]).max()) < self.window:",
-             "if int((ctx.q_pos[:, -1] - ctx.k_pos[:, 0]).max()) <= self.window:",
-             "windowed methods treat a distance equal to the window as near (plain RoPE shortcut at L = w + 1)"),
+             "if int((ctx.q_pos[:, -1] - ctx.k_pos[:, 0]).max()) < self.window + 2:",
+             "windowed methods take the plain-RoPE shortcut up to distance w + 1 (which they map below w + 1); "
+             "at distance w the shortcut is exact for all three (w maps to w), so '<= w' would be an equivalent mutant"),
     Mutation("two-part-near-off-by-one", "rope_ext/kernels/two_part_merged.py",
              "near = keep & (rel < window)",
              "near = keep & (rel <= window)",
@@ -128,6 +129,14 @@ MUTATIONS: tuple[Mutation, ...] = (
              "cached = torch.arange(past, device=q_pos.device)[None, :] + (first - past)",
              "cached = torch.arange(past, device=q_pos.device)[None, :] + (first - past + 1)",
              "decoding with a KV cache: cached keys placed one position later than they are"),
+    Mutation("per-layer-table-ignored", "rope_ext/attention.py",
+             "spec = runtime.specs.get(layer_type) or next(iter(runtime.specs.values()))",
+             "spec = next(iter(runtime.specs.values()))",
+             "attention methods rotate every layer with the first table (Gemma 3's local layers get the global base)"),
+    Mutation("leaky-slope-inverted", "rope_ext/methods/rerope.py",
+             "return self.window + (q_pos - self.window) / self.k, k_pos / self.k",
+             "return self.window + (q_pos - self.window) * self.k, k_pos * self.k",
+             "Leaky ReRoPE stretches far distances by k instead of compressing them by 1/k"),
     Mutation("sink-slots-from-one", "rope_ext/methods/sinks.py",
              "return (valid.long().cumsum(1) - 1).clamp(min=0)",
              "return valid.long().cumsum(1).clamp(min=0)",
@@ -255,14 +264,14 @@ class Outcome:
     seconds: float
 
 
-def run_one(mutation: Mutation | None, scratch: Path, boot: Path, tests: list[str], timeout: float) -> Outcome:
-    """Copy, mutate (None: unmutated), verify the imports, run pytest; the copy is removed after."""
+def run_one(mutation: Mutation | None, source: Path, scratch: Path, boot: Path, tests: list[str], timeout: float) -> Outcome:
+    """Copy ``source``, mutate (None: unmutated), verify the imports, run pytest; the copy is removed after."""
     name = "unmutated" if mutation is None else mutation.name
-    copy = copy_tree(ROOT, scratch / name)
+    copy = copy_tree(source, scratch / name)
     start = time.monotonic()
     try:
         if mutation is not None:
-            (copy / mutation.path).write_text(mutated_text(mutation, ROOT))
+            (copy / mutation.path).write_text(mutated_text(mutation, source))
         env = environment(copy, boot)
         try:
             verify_imports(copy, env)
@@ -335,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         boot = scratch / "_boot"
         boot.mkdir()
         (boot / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        source = copy_tree(ROOT, scratch / "_source")  # one snapshot: edits made while this runs do not leak in
         try:
-            baseline = run_one(None, scratch, boot, tests, args.timeout)
+            baseline = run_one(None, source, scratch, boot, tests, args.timeout)
         except RuntimeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -346,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unmutated copy passes ({baseline.seconds:.1f} s): pytest {shlex.join([*tests, *PYTEST])}")
         outcomes = []
         for mutation in tqdm(mutations, desc="mutations", unit="mutation"):
-            outcome = run_one(mutation, scratch, boot, tests, args.timeout)
+            outcome = run_one(mutation, source, scratch, boot, tests, args.timeout)
             tqdm.write(f"{outcome.name}: {'caught by ' + outcome.detail if outcome.caught else 'MISSED'} ({outcome.seconds:.1f} s)")
             outcomes.append(outcome)
     print(table(outcomes))

@@ -91,7 +91,7 @@ def check_patch_unpatch_bitwise(name: str, family: str, params: dict[str, Any] |
     before = snapshot(model)
     method = rope_ext.methods.get(name)(**params)
     if method.needs_attention_hook and not rope_ext.patches.FAMILIES[family].attention_interface:
-        with pytest.raises(ValueError, match="AttentionInterface"):
+        with pytest.raises(ValueError, match=rf"{name} changes attention, but {family} does not use transformers' AttentionInterface"):
             rope_ext.patch(model, name, **params)
         assert_same(before, snapshot(model))
         return

@@ -151,10 +151,10 @@ def test_yarn_correction_dims_are_where_wavelengths_fit_beta_times():
 @pytest.mark.parametrize("call, text", [
     (lambda: calc.critical_dimension(127, 1e4, 4096), r"head_dim must be a positive even integer .*got 127"),
     (lambda: calc.critical_dimension(128, 1e4, 0), "trained_length must be at least 1 token, got 0"),
-    (lambda: calc.critical_dimension(128, 1.0, 4096), r"^base must be a finite number > 1 .*got 1\.0"),
+    (lambda: calc.critical_dimension(128, 1.0, 4096), r"^base must be > 1, got 1$"),
     (lambda: calc.extrapolation_limit(128, 91, 1e4), r"critical_dim must be an even integer in 0\.\.128 \(head_dim\), got 91"),
-    (lambda: calc.ntk_base_for_factor(1e4, -2.0, 128), r"factor must be a finite number > 0, got -2\.0"),
-    (lambda: calc.yarn_correction_dims(1.0, 32.0, 128, 1e4, 4096), r"beta_fast must be a finite number > 32, got 1\.0"),
+    (lambda: calc.ntk_base_for_factor(1e4, -2.0, 128), r"factor must be > 0, got -2$"),
+    (lambda: calc.yarn_correction_dims(1.0, 32.0, 128, 1e4, 4096), r"beta_fast must be > 32, got 1$"),
     (lambda: calc.base_lower_bound(0, 128), "^length must be at least 1 token, got 0"),
 ])
 def test_bad_input_names_the_value(call, text):

@@ -95,7 +95,7 @@ def test_attention_flops_convention():
 
 @pytest.mark.parametrize("call, text", [
     (lambda s: calc.kv_cache_bytes(s, 0), "^length must be at least 1 token, got 0"),
-    (lambda s: calc.kv_cache_bytes(s, 10, 0), r"batch_size must be an integer >= 1 \(sequences\), got 0"),
+    (lambda s: calc.kv_cache_bytes(s, 10, 0), r"batch_size must be an integer >= 1, got 0"),
     (lambda s: calc.kv_cache_bytes(s, 10, 1, "float13"), "unknown dtype 'float13'; known: float32"),
     (lambda s: calc.attention_flops(s, -5), "^length must be at least 1 token, got -5"),
 ])

@@ -79,7 +79,7 @@ def test_config_rope_spec_for_unsupported_deepseek():
 @pytest.mark.parametrize("args, text", [
     ((0, 64, 1e4, 32), "target_length must be at least 1 token, got 0"),
     ((100, 63, 1e4, 32), "rotary_dim must be a positive even integer .*got 63"),
-    ((100, 64, 0.5, 32), r"rope_theta must be a finite number > 1 .*got 0\.5"),
+    ((100, 64, 0.5, 32), r"rope_theta must be > 1, got 0.5$"),
     ((100, 64, 1e4, 3), "trained_length must be >= 4 tokens to recommend a window, got 3"),
 ])
 def test_bad_input_names_the_value(args, text):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rope_ext.eval.lab import LabConfig, build_model, save_lab
 from rope_ext.eval.tokens import byte_tokenizer
@@ -95,3 +96,69 @@ def test_eval_killed_at_several_points_resumes_losing_and_recomputing_nothing(la
     assert len(ids) == len(set(ids)), "a cell was stored twice"
     assert sorted(comparable(r) for r in records) == reference, "results differ from an uninterrupted run"
     assert len(reference) > 2 + 3 + 5
+
+
+FINETUNE_KILLER = """
+import os, signal
+from rope_ext.longlora import checkpoint
+
+_at, _what, _count = int(os.environ["KILL_AT"]), os.environ["KILL_WHAT"], [0]
+_original = getattr(checkpoint, _what)
+
+
+def killing(*args, **kwargs):
+    _count[0] += 1
+    if _count[0] == _at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _original(*args, **kwargs)
+
+
+setattr(checkpoint, _what, killing)
+"""
+
+
+def finetune_process(ws: dict, out: Path, resume: bool, kill: tuple[str, int] | None = None) -> subprocess.Popen:
+    from test_longlora_helpers import TRAINED
+
+    flags = ["--model", ws["model"], "--data", ws["data"], "--output-dir", str(out), "--target-length", str(2 * TRAINED),
+             "--max-steps", "6", "--save-every", "1", "--keep-checkpoints", "2", "--learning-rate", "3e-3",
+             "--warmup-steps", "1", "--lora-rank", "4", "--grad-accum", "2", "--lr-scheduler", "linear", "--no-merge",
+             "--cache-dir", str(ws["cache"])] + (["--resume"] if resume else [])
+    path = [str(ROOT)] + ([str(ws["hook"])] if kill else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), KILL_WHAT=kill[0] if kill else "", KILL_AT=str(kill[1] if kill else 0))
+    return subprocess.Popen([sys.executable, "-m", "rope_ext.cli", "finetune", *flags], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def logged_losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_finetune_killed_mid_save_and_between_saves_resumes_to_the_same_run(tmp_path):
+    """SIGKILL while the 2nd checkpoint's tensors are written (a partial directory left behind), then
+    at the 4th save before it starts (step 4 computed and logged, not saved); each resume continues
+    from the last complete checkpoint and the run ends with the losses and weights of an
+    uninterrupted one, bitwise."""
+    from safetensors.torch import load_file
+    from test_longlora_helpers import corpus, tiny_checkpoint
+
+    from rope_ext.longlora import checkpoint as ckpt
+
+    ws = {"model": str(tiny_checkpoint(tmp_path / "model")), "data": str(corpus(tmp_path / "corpus")),
+          "cache": tmp_path / "cache", "hook": tmp_path / "hook"}
+    ws["hook"].mkdir()
+    (ws["hook"] / "sitecustomize.py").write_text(FINETUNE_KILLER)
+    whole = finetune_process(ws, tmp_path / "whole", resume=False)
+    assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-2000:]
+    out = tmp_path / "killed"
+    for resume, kill, complete in ((False, ("_write_tensors", 5), [1]), (True, ("save_checkpoint", 3), [2, 3])):
+        proc = finetune_process(ws, out, resume, kill)
+        assert proc.wait(timeout=300) == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        assert [step for step, _ in ckpt.complete_checkpoints(out)] == complete
+    final = finetune_process(ws, out, resume=True)
+    assert final.wait(timeout=300) == 0, final.stderr.read().decode()[-2000:]
+    assert logged_losses(out) == logged_losses(tmp_path / "whole")
+    a = load_file(ckpt.checkpoint_path(tmp_path / "whole", 6) / ckpt.WEIGHTS)
+    b = load_file(ckpt.checkpoint_path(out, 6) / ckpt.WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -40,7 +40,7 @@ def test_replace_swaps_method_and_current_describes_it():
     model = make_tiny("qwen2")
     ids = torch.randint(3, 97, (1, 70))
     rope_ext.patch(model, "pi", factor=2.0)
-    with pytest.raises(ValueError, match="already patched"):
+    with pytest.raises(ValueError, match=r"model is already patched with pi\(.*\) on qwen2; call rope_ext.unpatch\(model\) first or pass replace=True"):
         rope_ext.patch(model, "ntk", factor=2.0)
     rope_ext.patch(model, "rerope", window=8, replace=True)
     assert "rerope" in rope_ext.current(model).describe()

@@ -123,3 +123,22 @@ def test_the_tiny_models_frequencies_reach_into_each_ramps_band(name):
     s = params["factor"]
     inside = ~torch.isclose(blended, theta) & ~torch.isclose(blended, theta / s)
     assert inside.any() and (blended <= theta).all() and (blended >= theta / s - 1e-12).all(), blended / theta
+
+
+@pytest.mark.parametrize("name", ["rerope", "leaky_rerope", "self_extend"])
+@pytest.mark.parametrize("extra", [1, 2, 3])
+def test_windowed_methods_at_the_windows_edge_equal_the_reference(name, extra):
+    """Inputs just past the window (L = w + 1 .. w + 3): the farthest keys are the first remapped
+    ones, where a window off by one would show (distance w maps to w in all three methods, so the
+    first visible change is at w + 1)."""
+    model = make_tiny("llama", **SENSITIVE)
+    window = method_params(name, model, LENGTH)["window"]
+    length = window + extra
+    params = method_params(name, model, LENGTH)
+    ids = torch.randint(3, 97, (1, length), generator=torch.Generator().manual_seed(extra))
+    padding = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = reference_logits(model, name, params, ids, padding)
+        with rope_ext.patched(model, name, **params):
+            got = model(ids).logits
+    assert (got - expected).abs().max() <= TOL, f"{name} at length w + {extra}"

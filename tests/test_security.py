@@ -294,3 +294,13 @@ def test_no_module_can_unpickle_or_run_loaded_code():
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 found += [f"{path.relative_to(REPO)}:{number} {why}" for pattern, why in UNSAFE.items() if re.search(pattern, line)]
     assert found == []
+
+
+@pytest.mark.parametrize("engine_name", ["FSDP", "DEEPSPEED"])
+def test_an_engine_run_whose_files_are_pickles_resumes_only_when_trusted(tmp_path, engine_name):
+    from rope_ext.longlora import checkpoint as ckpt
+
+    (tmp_path / ckpt.MARKER).write_text(json.dumps({"step": 2, "format": ckpt.FORMAT}))
+    with pytest.raises(ValueError, match=rf"this is a {engine_name} run.*pickle.*--trust-engine-checkpoints"):
+        ckpt.check_loadable(tmp_path, engine_name, trusted=False)
+    ckpt.check_loadable(tmp_path, engine_name, trusted=True)

@@ -39,3 +39,36 @@ def test_pretrain_flags_are_refused_before_anything_is_written(tmp_path, flags, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"argument {flags[0]}" in err[0]
     assert not out.exists()
+
+
+def test_a_non_finite_fine_tune_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+    """The 5th forward returns a NaN loss: training stops before that step's update, saves the state
+    after step 4 (save_every=3 had saved only step 3) and names it; its weights are finite."""
+    from safetensors.torch import load_file
+    from test_longlora_helpers import TRAINED, corpus, tiny_checkpoint
+    from transformers import LlamaForCausalLM
+
+    from rope_ext.longlora import checkpoint as ckpt
+    from rope_ext.longlora.config import build_config
+    from rope_ext.longlora.train import train
+
+    forward, calls = LlamaForCausalLM.forward, [0]
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 5 and self.training:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", poisoned)
+    out = tmp_path / "run"
+    config = build_config(dict(model=str(tiny_checkpoint(tmp_path / "model")), data=[str(corpus(tmp_path / "corpus"))],
+                               output_dir=str(out), target_length=2 * TRAINED, max_steps=8, save_every=3, lora_rank=4,
+                               warmup_steps=1, merge=False, cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(FloatingPointError, match=r"loss became non-finite \(nan\) at step 5; training stopped, the last good "
+                                                 r"state is .*step_0+4 \(after step 4\): lower --learning-rate"):
+        train(config)
+    assert [step for step, _ in ckpt.complete_checkpoints(out)] == [3, 4]
+    weights = load_file(ckpt.checkpoint_path(out, 4) / ckpt.WEIGHTS)
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..lengths import parse_length
+from ..validate import integer, number
 
 # The paper's table of lower bounds for d = 128 (as reproduced by Su 2024), and Su's tighter re-scan
 # of the same definition on a finer grid. Keys are L = 1k .. 1M with k = 1024.
@@ -49,15 +50,16 @@ def check_length(length: int | str, name: str = "length") -> int:
 
 
 def check_head_dim(head_dim: int, name: str = "head_dim") -> int:
-    if isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer)) or head_dim < 2 or head_dim % 2:
+    """A positive even number of dimensions, at most 2^16 (``rope_ext.validate``)."""
+    d = integer(head_dim, name, minimum=2, maximum=1 << 16)
+    if d % 2:
         raise ValueError(f"{name} must be a positive even integer (2, 4, ..., e.g. 128), got {head_dim!r}")
-    return int(head_dim)
+    return d
 
 
 def check_base(base: float, name: str = "base") -> float:
-    if isinstance(base, bool) or not isinstance(base, (int, float, np.floating, np.integer)) or not math.isfinite(base) or base <= 1:
-        raise ValueError(f"{name} must be a finite number > 1 (RoPE base, e.g. 10000), got {base!r}")
-    return float(base)
+    """A finite RoPE base > 1 (``rope_ext.validate``; the calculator explores bases past any model's)."""
+    return number(base, name, above=1)
 
 
 def rope_theta(base: float | torch.Tensor, head_dim: int) -> torch.Tensor:

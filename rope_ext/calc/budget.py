@@ -18,10 +18,10 @@ Conventions (the numbers are only comparable under one):
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..validate import MAX_COUNT, integer
 from .bound import check_length
 
 BYTES_PER_ELEMENT: dict[str, float] = {
@@ -31,9 +31,8 @@ BYTES_PER_ELEMENT: dict[str, float] = {
 
 
 def check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1 (sequences), got {batch_size!r}")
-    return int(batch_size)
+    """Sequences per batch: 1 .. 2^24 (``rope_ext.validate``)."""
+    return integer(batch_size, "batch_size", minimum=1, maximum=MAX_COUNT)
 
 
 def bytes_per_element(dtype: str | float) -> float:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 
 from ..methods.frequency import ntk_base, yarn_correction_dim, yarn_correction_range
+from ..validate import number
 from .bound import check_base, check_head_dim, check_length
 
 
 def check_positive(value: float, name: str, minimum_exclusive: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= minimum_exclusive:
-        raise ValueError(f"{name} must be a finite number > {minimum_exclusive:g}, got {value!r}")
-    return float(value)
+    """A finite number > ``minimum_exclusive`` (``rope_ext.validate``)."""
+    return number(value, name, above=minimum_exclusive)
 
 
 def critical_dimension(head_dim: int, base: float, trained_length: int) -> int:

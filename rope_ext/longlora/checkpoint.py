@@ -118,10 +118,14 @@ def engine(accelerator: Any) -> str | None:
     return kind.value if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED) else None
 
 
-def check_loadable(path: Path, engine_name: str | None) -> None:
+def check_loadable(path: Path, engine_name: str | None, trusted: bool) -> None:
     """Refuse a checkpoint that resume must not read: one holding a pickle-style file (unpickling
     can run any code) or written in another format. Under FSDP / DeepSpeed the engine's own files
-    are pickles by design (see ``engine_warning``)."""
+    are pickles by design: refused unless ``trusted`` (``--trust-engine-checkpoints``)."""
+    if engine_name is not None and not trusted:
+        raise ValueError(f"--resume: this is a {engine_name} run, and {engine_name} reads its model and optimizer files in "
+                         f"{path} with pickle, which can run code; resume it only if your own runs wrote this directory, "
+                         "with --trust-engine-checkpoints (recipe: trust_engine_checkpoints: true); see SECURITY.md")
     if engine_name is None:
         pickles = sorted(Path(root, name) for root, _, names in os.walk(path) for name in names
                          if Path(name).suffix.lower() in PICKLE_SUFFIXES)
@@ -171,11 +175,11 @@ def save_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
             _fsync(path.parent)
 
 
-def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, path: Path) -> None:
+def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, path: Path, trusted: bool = False) -> None:
     """Restore what ``save_checkpoint`` wrote. Every file is read and checked before the model,
-    optimizer, scheduler or RNGs change."""
+    optimizer, scheduler or RNGs change; ``trusted``: see ``check_loadable``."""
     engine_name = engine(accelerator)
-    check_loadable(path, engine_name)
+    check_loadable(path, engine_name, trusted)
     if engine_name is not None and accelerator.is_main_process:
         print(engine_warning(path, engine_name), file=sys.stderr)
     sharded = engine_name is not None

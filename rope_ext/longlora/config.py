@@ -43,7 +43,7 @@ BOUNDS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "eval_docs": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
 }
 # fields that may differ between a run and its --resume; every other one must match
-RESUMABLE = ("resume", "stop_after", "save_every", "keep_checkpoints", "max_steps", "merge", "evaluate", "eval_corpus", "eval_docs")
+RESUMABLE = ("resume", "trust_engine_checkpoints", "stop_after", "save_every", "keep_checkpoints", "max_steps", "merge", "evaluate", "eval_corpus", "eval_docs")
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class FinetuneConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = False
+    trust_engine_checkpoints: bool = False
     stop_after: int | None = None
     merge: bool = True
     # after merging: perplexity at the target length (rope_ext.eval.ppl) on eval_corpus's held-out split
@@ -109,7 +110,8 @@ class FinetuneConfig:
         for name, allowed in (("mixed_precision", MIXED_PRECISION), ("model_dtype", DTYPES), ("lr_scheduler", SCHEDULERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("s2_attn", "shift", "wrap", "lora", "gradient_checkpointing", "resume", "merge", "evaluate"):
+        for name in ("s2_attn", "shift", "wrap", "lora", "gradient_checkpointing", "resume", "trust_engine_checkpoints",
+                     "merge", "evaluate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.method_params, dict):
@@ -156,6 +158,8 @@ HELP = {
     "save_every": "checkpoint interval in optimizer steps",
     "keep_checkpoints": "checkpoints kept (older ones are deleted)",
     "resume": "continue the run in output_dir from its last checkpoint",
+    "trust_engine_checkpoints": "resume an FSDP / DeepSpeed run although its engine reads its files with pickle "
+                                "(only for directories your own runs wrote; SECURITY.md)",
     "stop_after": "stop (with a checkpoint) after this many steps in this invocation; continue with --resume",
     "merge": "merge LoRA into the weights and save output_dir/model at the end",
     "evaluate": "perplexity of the merged model at target_length (rope_ext.eval)",

@@ -132,7 +132,7 @@ def check_inputs(job: Job) -> tuple[list[Path], list[tuple[int, Path]]]:
         if not done:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
         ckpt.check_resume(out, config, job.world)
-        ckpt.check_loadable(done[-1][1], ckpt.engine(job.accelerator))
+        ckpt.check_loadable(done[-1][1], ckpt.engine(job.accelerator), config.trust_engine_checkpoints)
     elif done:
         raise ValueError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it, or choose another output_dir")
     return files, done
@@ -177,7 +177,8 @@ def resume_or_begin(job: Job, training: Training, done: list[tuple[int, Path]]) 
     to it; otherwise the run's settings are written and the log started afresh."""
     if job.config.resume:
         start, path = done[-1]
-        ckpt.load_checkpoint(job.accelerator, training.model, training.optimizer, training.scheduler, path)
+        ckpt.load_checkpoint(job.accelerator, training.model, training.optimizer, training.scheduler, path,
+                             job.config.trust_engine_checkpoints)
         if job.is_main:
             _truncate_log(job.out / LOG, start)
         return start
@@ -209,7 +210,16 @@ def run_steps(job: Job, training: Training, start: int, end: int) -> None:
     bar = tqdm(total=config.max_steps, initial=start, desc="fine-tuning", unit="step", disable=not job.is_main)
     for step in range(start, end):
         began = time.perf_counter()
-        mean = train_step(job, training, step)
+        try:
+            mean = train_step(job, training, step)
+        except FloatingPointError as err:
+            kept = step if step > start and step % config.save_every else None
+            if kept is not None:
+                save_checkpoint(job, training, kept)
+            last = ckpt.complete_checkpoints(job.out)
+            where = f"the last good state is {last[-1][1]} (after step {last[-1][0]})" if last else "no step was saved"
+            raise FloatingPointError(f"{err}; training stopped, {where}: lower --learning-rate or check the data, "
+                                     f"then --resume") from None
         seconds = time.perf_counter() - began
         record = {"step": step + 1, "loss": mean, "lr": training.scheduler.get_last_lr()[0],
                   "tokens_per_s": tokens_per_step / seconds, "memory_gb": memory_gb(job.accelerator.device)}
@@ -230,6 +240,8 @@ def train_step(job: Job, training: Training, step: int) -> float:
         batch = training.data.batch([training.order(n) for n in numbers]).to(accelerator.device)
         with accelerator.accumulate(model):
             loss = model(input_ids=batch, labels=batch).loss
+            if accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="sum").item() < job.world:
+                raise FloatingPointError(f"fine-tuning: the loss became non-finite ({loss.item()}) at step {step + 1}")
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(training.params, config.max_grad_norm)
