@@ -2,7 +2,9 @@
 numeric flag of every subcommand, given wrong types, NaN / infinities, zero, negatives, huge values
 and empty text. Each is either refused with a clear error that names the parameter -- the model
 bitwise untouched, argparse's exit status 2 and one error line for a flag -- or accepted and then
-used exactly: a finite result, the flag's value equal to the number written."""
+used exactly: a finite result, the flag's value equal to the number written. Examples are
+derandomized (the same every run, so CI is deterministic); ``--hypothesis-seed=N`` with
+``derandomize`` off explores new ones (how yarn's beta_slow=2e-313 overflow was found)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +25,7 @@ from rope_ext import validate
 from rope_ext.cli import build_parser
 
 LENGTH = 48
-BAD_NUMBERS = st.sampled_from([math.nan, math.inf, -math.inf, 0, 0.0, -1, -1.5, 1e30, 2**62, -(2**62), 1e-300])
+BAD_NUMBERS = st.sampled_from([math.nan, math.inf, -math.inf, 0, 0.0, -1, -1.5, 1e30, 2**62, -(2**62), 1e-300, 5e-324])
 WRONG_TYPES = st.sampled_from(["8", "", b"8", [8], {"x": 1}, (8,), object(), True, False, 8j])
 BAD_VALUES = st.one_of(BAD_NUMBERS, WRONG_TYPES, st.floats(allow_nan=True, allow_infinity=True), st.integers())
 BAD_TEXT = st.one_of(st.sampled_from(["nan", "inf", "-inf", "0", "-1", "", " ", "1e400", "abc", "1.5", "0x10", "1_000",
@@ -40,7 +42,7 @@ def method_fields() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("name,field", method_fields(), ids=lambda x: x)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(value=BAD_VALUES)
 def test_a_bad_method_parameter_is_refused_by_name_or_used(name, field, value):
     params = rope_ext.methods.get(name).defaults_for(rope_ext.facts.rope_spec(MODEL), LENGTH)
@@ -99,7 +101,7 @@ def test_every_numeric_flag_goes_through_the_validation_layer():
 
 
 @pytest.mark.parametrize("path,action", FLAGS, ids=lambda x: x if isinstance(x, list) else x.option_strings[-1])
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(raw=BAD_TEXT)
 def test_a_bad_flag_exits_2_with_one_line_naming_it_or_is_used_exactly(path, action, raw):
     assume(raw != "--")  # argparse itself turns "--flag=--" into [] without calling the flag's type
@@ -128,6 +130,7 @@ def test_integer_checks_type_and_both_ends(value, bounds, ok):
             validate.integer(value, "n", **bounds)
 
 
+@settings(derandomize=True)
 @given(x=st.floats(allow_nan=True, allow_infinity=True))
 def test_number_accepts_exactly_the_finite_values_in_range(x):
     inside = math.isfinite(x) and 0 < x <= 10

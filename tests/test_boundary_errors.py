@@ -99,3 +99,10 @@ def test_values_once_silently_replaced_or_overflowing_are_refused(name, params, 
     with pytest.raises(ValueError, match=message):
         rope_ext.patch(model, name, **params)
     assert_same(before, snapshot(model))
+
+
+def test_unbounded_work_is_refused_up_front(capsys):
+    """`calc bound --lengths 1e12` once ran for hours (ETA 358,882 h): lengths stop at 16M tokens."""
+    assert main(["calc", "bound", "--lengths", "1000000000000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lengths must be at most 16777216 tokens" in err[0]

@@ -18,6 +18,7 @@ from .base import Method, RopeSpec, check_int, check_number, check_type, rope_in
 from .registry import register
 
 MAX_FACTOR = 4096.0  # scale factors in use reach 512 (LongRoPE, 4k -> 2M); more is a typo
+MIN_BETA = 1e-3  # YaRN beta_slow (rotations of a dimension in L0): its correction dimension is finite above it
 MAX_ATTENTION_FACTOR = 4.0  # YaRN's 0.1 ln s + 1 is 1.83 at s = 4096; 1e6 made every fp16 logit non-finite
 
 
@@ -265,7 +266,7 @@ class YaRNParams(ScaledMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_number(self, "beta_slow", above=0.0)
+        check_number(self, "beta_slow", at_least=MIN_BETA)
         check_number(self, "beta_fast", above_field="beta_slow")
         check_type(self, "truncate", bool)
         if self.attention_factor is not None:
