@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -115,9 +116,47 @@ def smollm2(args: argparse.Namespace) -> None:
         window = f", window / sliding {ppl['window'] / ppl['sliding']:.3f}x" if "window" in ppl else ""
         print(f"sinks / sliding PPL {ppl['sinks'] / ppl['sliding']:.3f}x{window}")
     else:
-        print(f"no PPL ratio: sliding is measured on every {args.recompute_every}-th prediction only "
-              f"({groups['sliding'][0]['result']['tokens']} tokens), the others on every token; see (a) for a matched ratio")
+        print(f"no PPL ratio over all tokens: sliding is measured on every {args.recompute_every}-th prediction only "
+              f"({groups['sliding'][0]['result']['tokens']} tokens), the others on every token")
+        if args.recompute_every == args.bucket and args.docs == 1:
+            matched(groups["sinks"][0]["result"]["buckets"], groups["sliding"][0]["result"]["buckets"], args.sinks + args.window)
     print(f"per-token time sliding / sinks {ms['sliding'] / ms['sinks']:.2f}x (median ms/token)")
+    flat(groups["sinks"][0]["result"]["buckets"], args.sinks + args.window)
+
+
+def matched(sinks: list[dict], sliding: list[dict], cache: int, draws: int = 10_000) -> None:
+    """Sinks vs sliding where the cache is full (bucket start >= S + W), paired by bucket: the sinks
+    PPL of each bucket's predictions against sliding's one sampled prediction in it; 95% bootstrap
+    intervals over buckets."""
+    full = [i for i, b in enumerate(sinks) if b["start"] >= cache]
+
+    def ppls(idx: list[int]) -> tuple[float, float]:
+        a = math.exp(sum(sinks[i]["nll"] * sinks[i]["tokens"] for i in idx) / sum(sinks[i]["tokens"] for i in idx))
+        b = math.exp(sum(sliding[i]["nll"] * sliding[i]["tokens"] for i in idx) / sum(sliding[i]["tokens"] for i in idx))
+        return a, b
+
+    rng = random.Random(0)
+    boots = [ppls([rng.choice(full) for _ in full]) for _ in range(draws)]
+
+    def interval(values: list[float]) -> str:
+        values = sorted(values)
+        return f"[{values[int(0.025 * draws)]:.3f}, {values[int(0.975 * draws)]:.3f}]"
+
+    a, b = ppls(full)
+    print(f"full cache (predictions from {cache} on), paired by {len(full)} buckets: sinks PPL {a:.3f} "
+          f"{interval([x for x, _ in boots])} over {sum(sinks[i]['tokens'] for i in full)} predictions; sliding PPL {b:.3f} "
+          f"{interval([y for _, y in boots])} over {sum(sliding[i]['tokens'] for i in full)} sampled predictions; "
+          f"sinks / sliding {a / b:.3f}x {interval([x / y for x, y in boots])} (95% bootstrap over buckets)")
+
+
+def flat(buckets: list[dict], cache: int) -> None:
+    """Cache memory and decode time once the cache is full: first full bucket, the one ending at 4k, the last."""
+    full = [b for b in buckets if b["start"] >= cache]
+    at_4k = next((b for b in full if b["end"] >= 4096), full[0])
+    mib = sorted({b["cache_bytes_max"] / float(1 << 20) for b in full})
+    print(f"sinks cache MiB over every bucket from {cache} to {buckets[-1]['end']}: {', '.join(f'{m:.1f}' for m in mib)} "
+          f"(flat); decode ms/token (bucket median) at {at_4k['end']}: {at_4k['ms_median']:.1f}, at {buckets[-1]['end']}: "
+          f"{buckets[-1]['ms_median']:.1f} ({buckets[-1]['ms_median'] / at_4k['ms_median']:.2f}x)")
 
 
 def main() -> None:

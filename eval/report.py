@@ -272,8 +272,11 @@ def _stream_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
     line = f"- **{label}**, streaming PPL: " + "; ".join(f"{lab} {_fmt(v)}" for lab, v in ppl.items())
     sinks = [lab for lab, kind in kinds.items() if kind == ("sinks", "none")]
     sliding = [lab for lab, kind in kinds.items() if kind == ("sliding", "none")]
-    if len(sinks) == 1 and len(sliding) == 1:
+    every = {r["key"]["label"]: r["key"].get("recompute_every", 1) for r in recs}
+    if len(sinks) == 1 and len(sliding) == 1 and every[sliding[0]] == 1:
         line += f"; sinks / sliding {ppl[sinks[0]] / ppl[sliding[0]]:.2f}x"
+    elif len(sliding) == 1:
+        line += f" (sliding measured on every {every[sliding[0]]}-th prediction only: no ratio to the others)"
     return [line + "."]
 
 
