@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import rope_ext
-from rope_ext.validate import COUNT, THREADS
+from rope_ext.validate import COUNT, WORKERS
 
 from .lab import LabConfig, cached_pretrain, load_lab
 from .lab_passkey import PasskeyLabConfig, cached_finetune_passkey
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trials", type=COUNT, default=20, help="passkey prompts per (length, depth) (default: 20)")
     p.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2")
     p.add_argument("--smollm2-past-trained", action="store_true", help="also evaluate SmolLM2 at 16384 tokens (2x its trained length)")
-    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: 1 if the machine is busy, else every core)")
+    p.add_argument("--threads", type=WORKERS, default=None, help="torch CPU threads (default: 1 if the machine is busy, else every core)")
     return p.parse_args(argv)
 
 

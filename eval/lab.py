@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rope_ext
-from rope_ext.validate import MAX_ALIBI_BIAS, MAX_BASE, MAX_COUNT, integer, number
+from rope_ext.validate import MAX_ALIBI_BIAS, MAX_BASE, MAX_COUNT, MAX_SEED, integer, number
 
 from .corpus import load_corpus
 from .tokens import byte_tokenizer, encode
@@ -59,7 +59,7 @@ class LabConfig:
         for name in ("layers", "hidden", "heads", "intermediate", "steps", "batch", "warmup"):
             integer(getattr(self, name), name, minimum=0 if name == "warmup" else 1, maximum=MAX_COUNT)
         integer(self.context, "context", minimum=8, maximum=MAX_COUNT)
-        integer(self.seed, "seed", minimum=0)
+        integer(self.seed, "seed", minimum=0, maximum=MAX_SEED)
         if self.hidden % self.heads or (self.hidden // self.heads) % 2:
             raise ValueError(f"hidden ({self.hidden}) must split into {self.heads} heads of even size")
         number(self.lr, "lr", above=0, at_most=1)

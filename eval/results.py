@@ -82,8 +82,8 @@ class ResultStore:
                 raise ValueError(f"{self.path}: damaged record(s) ({where}); nothing was changed. Rerun with --repair "
                                  f"(ResultStore(..., repair=True)) to drop them and recompute their cells")
             warnings.warn(f"{self.path}: dropping damaged record(s) ({where}); their cells will be recomputed", stacklevel=3)
-            self._rewrite([line for i, line in enumerate(lines) if line.strip() and i not in {j for j, _ in damaged}
-                           and not (self._torn and i == len(lines) - 1)])
+            dropped = {i for i, _ in damaged} | ({len(lines) - 1} if self._torn else set())
+            self._rewrite([line for i, line in enumerate(lines) if line.strip() and i not in dropped])
 
     def _rewrite(self, lines: list[bytes]) -> None:
         """Replace the file by ``lines`` atomically (a temporary file renamed over it)."""

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rope_ext
-from rope_ext.validate import integer
+from rope_ext.validate import MAX_WORKERS, integer
 
 from .results import ResultStore
 from .spec import SLIDING
@@ -25,7 +25,7 @@ def choose_threads(requested: int | None = None) -> int:
     process on 2 cores, torch's default of one thread per core ran 4.5x slower than 1 thread), else
     every core."""
     if requested is not None:
-        return integer(requested, "threads (requested)", minimum=1, maximum=1024)
+        return integer(requested, "threads (requested)", minimum=1, maximum=MAX_WORKERS)
     busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 1
     return 1 if busy else (os.cpu_count() or 1)
 

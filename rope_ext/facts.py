@@ -23,14 +23,22 @@ from .methods.base import RopeSpec
 MAIN_LAYER_TYPE = "full_attention"
 
 
+def rope_tables(rope_parameters: dict[str, Any]) -> dict[str | None, dict[str, Any]]:
+    """{layer type: its table} of a config's rope_parameters (Gemma 3: one per layer type), or
+    {None: the only table}."""
+    if rope_parameters and all(isinstance(v, dict) for v in rope_parameters.values()):
+        return dict(rope_parameters)
+    return {None: rope_parameters}
+
+
 def _table_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """The rope_parameters of one table (``layer_type``), or of the main one when there are several."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if params and all(isinstance(v, dict) for v in params.values()):
-        if layer_type is None:
-            layer_type = MAIN_LAYER_TYPE if MAIN_LAYER_TYPE in params else next(iter(params))
-        return params[layer_type]
-    return params
+    tables = rope_tables(getattr(config, "rope_parameters", None) or {})
+    if None in tables:
+        return tables[None]
+    if layer_type is None:
+        layer_type = MAIN_LAYER_TYPE if MAIN_LAYER_TYPE in tables else next(iter(tables))
+    return tables[layer_type]
 
 
 def trained_length(config: Any, layer_type: str | None = None) -> int:

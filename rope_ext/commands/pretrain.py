@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rope_ext.validate import COUNT, MAX_ALIBI_BIAS, MAX_BASE, MAX_COUNT, SEED, THREADS, flag, integer, number
+from rope_ext.validate import COUNT, MAX_ALIBI_BIAS, MAX_BASE, MAX_COUNT, SEED, WORKERS, flag, integer, number
 
 
 def add_parser(subparsers) -> None:
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lr", type=flag(number, above=0, at_most=1), default=None, help="peak learning rate (default: 3e-3 for lm, 1e-3 for passkey)")
     p.add_argument("--seed", type=SEED, default=d.seed)
     p.add_argument("--corpus", default=d.corpus, help="'stdlib', a directory, a .jsonl or a text file (train split)")
-    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: 1 if the machine is busy, else every core)")
+    p.add_argument("--threads", type=WORKERS, default=None, help="torch CPU threads (default: 1 if the machine is busy, else every core)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.set_defaults(func=run)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..validate import MAX_COUNT, integer, number
+from ..validate import MAX_COUNT, MAX_SEED, integer, number
 from ..validate import flag as validated_flag
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -36,7 +36,7 @@ BOUNDS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "batch_size": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
     "grad_accum": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
     "max_grad_norm": (number, {"above": 0, "at_most": 1e6}),
-    "seed": (integer, {"minimum": 0, "maximum": 2**32 - 1}),
+    "seed": (integer, {"minimum": 0, "maximum": MAX_SEED}),
     "save_every": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
     "keep_checkpoints": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
     "stop_after": (integer, {"minimum": 1, "maximum": MAX_COUNT}),

@@ -60,7 +60,7 @@ class Method:
     cache_window: int | None = None
 
     def __post_init__(self) -> None:
-        check_type(self, "logn", bool)
+        check_bool(self, "logn")
         if self.original_max_position_embeddings is not None:
             check_int(self, "original_max_position_embeddings", minimum=1)
         if (self.sinks is None) != (self.cache_window is None):
@@ -189,10 +189,8 @@ def check_target_length(cls: type[Method], length: int) -> None:
         raise ValueError(f"{cls.name}: the target length must be an int >= 2 tokens, got {length!r}")
 
 
-def check_type(method: Method, field: str, kind: type) -> None:
-    """``field`` is a bool (the only type checked without a range here)."""
-    if kind is not bool:
-        raise TypeError(f"check_type checks bools; use check_int or check_number for {field}")
+def check_bool(method: Method, field: str) -> None:
+    """``field`` is True or False."""
     boolean(getattr(method, field), f"{method.name}: {field}")
 
 

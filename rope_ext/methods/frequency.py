@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..validate import MAX_BASE
-from .base import Method, RopeSpec, check_int, check_number, check_type, rope_inv_freq
+from .base import Method, RopeSpec, check_bool, check_int, check_number, rope_inv_freq
 from .registry import register
 
 MAX_FACTOR = 4096.0  # scale factors in use reach 512 (LongRoPE, 4k -> 2M); more is a typo
@@ -268,7 +268,7 @@ class YaRNParams(ScaledMethod):
         super().__post_init__()
         check_number(self, "beta_slow", at_least=MIN_BETA)
         check_number(self, "beta_fast", above_field="beta_slow")
-        check_type(self, "truncate", bool)
+        check_bool(self, "truncate")
         if self.attention_factor is not None:
             check_number(self, "attention_factor", above=0.0, at_most=MAX_ATTENTION_FACTOR)
 
