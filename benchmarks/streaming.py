@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import rope_ext
 from rope_ext.eval.demo import DEFAULT_CACHE
 from rope_ext.eval.lab import LabConfig, cached_pretrain, load_lab
 from rope_ext.eval.runner import set_threads
+from rope_ext.eval.stats import Interval, bootstrap_ppl, bootstrap_ratio
 from rope_ext.eval.stream import stream_perplexity
 
 
@@ -124,29 +124,22 @@ def smollm2(args: argparse.Namespace) -> None:
     flat(groups["sinks"][0]["result"]["buckets"], args.sinks + args.window)
 
 
-def matched(sinks: list[dict], sliding: list[dict], cache: int, draws: int = 10_000) -> None:
+def matched(sinks: list[dict], sliding: list[dict], cache: int) -> None:
     """Sinks vs sliding where the cache is full (bucket start >= S + W), paired by bucket: the sinks
     PPL of each bucket's predictions against sliding's one sampled prediction in it; 95% bootstrap
-    intervals over buckets."""
+    intervals over buckets (``rope_ext.eval.stats``, paired for the ratio)."""
     full = [i for i, b in enumerate(sinks) if b["start"] >= cache]
+    a_sums, a_tokens = [sinks[i]["nll"] * sinks[i]["tokens"] for i in full], [sinks[i]["tokens"] for i in full]
+    b_sums, b_tokens = [sliding[i]["nll"] * sliding[i]["tokens"] for i in full], [sliding[i]["tokens"] for i in full]
+    a, b = bootstrap_ppl(a_sums, a_tokens), bootstrap_ppl(b_sums, b_tokens)
+    ratio = bootstrap_ratio(a_sums, a_tokens, b_sums, b_tokens)
 
-    def ppls(idx: list[int]) -> tuple[float, float]:
-        a = math.exp(sum(sinks[i]["nll"] * sinks[i]["tokens"] for i in idx) / sum(sinks[i]["tokens"] for i in idx))
-        b = math.exp(sum(sliding[i]["nll"] * sliding[i]["tokens"] for i in idx) / sum(sliding[i]["tokens"] for i in idx))
-        return a, b
+    def interval(iv: Interval) -> str:
+        return f"[{iv.low:.3f}, {iv.high:.3f}]"
 
-    rng = random.Random(0)
-    boots = [ppls([rng.choice(full) for _ in full]) for _ in range(draws)]
-
-    def interval(values: list[float]) -> str:
-        values = sorted(values)
-        return f"[{values[int(0.025 * draws)]:.3f}, {values[int(0.975 * draws)]:.3f}]"
-
-    a, b = ppls(full)
-    print(f"full cache (predictions from {cache} on), paired by {len(full)} buckets: sinks PPL {a:.3f} "
-          f"{interval([x for x, _ in boots])} over {sum(sinks[i]['tokens'] for i in full)} predictions; sliding PPL {b:.3f} "
-          f"{interval([y for _, y in boots])} over {sum(sliding[i]['tokens'] for i in full)} sampled predictions; "
-          f"sinks / sliding {a / b:.3f}x {interval([x / y for x, y in boots])} (95% bootstrap over buckets)")
+    print(f"full cache (predictions from {cache} on), paired by {len(full)} buckets: sinks PPL {a.point:.3f} "
+          f"{interval(a)} over {sum(a_tokens)} predictions; sliding PPL {b.point:.3f} {interval(b)} over {sum(b_tokens)} "
+          f"sampled predictions; sinks / sliding {ratio.point:.3f}x {interval(ratio)} (95% bootstrap over buckets)")
 
 
 def flat(buckets: list[dict], cache: int) -> None:

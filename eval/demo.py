@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths = [512, 1024, 2048] + ([16384] if args.smollm2_past_trained else [])
         methods = ["none", "yarn"] + (["rerope"] if args.smollm2_past_trained else [])
         params = {"yarn": {"factor": 4.0}}
-        perplexity(model, tok, lengths, methods, method_params=params, sliding=False, n_docs=1, model_name="smollm2",
+        perplexity(model, tok, lengths, methods, method_params=params, sliding=False, n_docs=3, model_name="smollm2",
                    run_dir=run, record=record)
     report = write_report(run.path)
     print(f"demo finished in {time.time() - start:.0f} s; report: {report}")

@@ -27,7 +27,7 @@ import rope_ext
 from rope_ext.validate import MAX_ALIBI_BIAS, MAX_BASE, MAX_COUNT, MAX_SEED, integer, number
 
 from .corpus import load_corpus
-from .tokens import byte_tokenizer, encode
+from .tokens import byte_tokenizer, encode, is_byte_tokenizer
 
 POSITIONS = ("rope", "alibi", "nope")
 LAB_FILE = "lab.json"
@@ -181,14 +181,32 @@ def pretrain(cfg: LabConfig, out: str | Path) -> Path:
 
 
 def cached_pretrain(cfg: LabConfig, cache: str | Path) -> Path:
-    """The checkpoint for ``cfg`` under ``cache`` (trained now if it is not there or incomplete)."""
+    """The checkpoint for ``cfg`` under ``cache`` (trained now if it is not there or incomplete).
+    One cached before the lab's tokenizer stopped appending EOS gets that tokenizer's files (the
+    same ids, so the weights and the cache key stay as they are)."""
     path = Path(cache).expanduser() / cfg.key()
-    return path if is_complete(path) else pretrain(cfg, path)
+    if not is_complete(path):
+        return pretrain(cfg, path)
+    if _saved_byt5(path):
+        byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def _saved_byt5(path: Path) -> bool:
+    """Whether the checkpoint's tokenizer is transformers' ByT5Tokenizer, which appends EOS to every
+    ``tok(text)`` (lab checkpoints saved before ``byte_tokenizer`` was a plain fast tokenizer)."""
+    config = path / "tokenizer_config.json"
+    return config.is_file() and json.loads(config.read_text()).get("tokenizer_class") == "ByT5Tokenizer"
 
 
 def load_lab(path: str | Path) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) of a lab checkpoint, through ``rope_ext.load`` (which restores ALiBi / NoPE)."""
+    """(model, tokenizer) of a lab checkpoint, through ``rope_ext.load`` (which restores ALiBi / NoPE).
+    A checkpoint saved with ByT5Tokenizer gets ``byte_tokenizer()`` instead: the same ids, no EOS
+    appended to a prompt."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"lab checkpoint {str(path)!r} not found")
-    return rope_ext.load(path)
+    model, tokenizer = rope_ext.load(path)
+    if _saved_byt5(path) and is_byte_tokenizer(tokenizer):
+        tokenizer = byte_tokenizer()
+    return model, tokenizer

@@ -1,8 +1,9 @@
 """lm-eval model type ``rope_ext``: lm-eval's HF model (HFLM) with ``rope_ext.patch`` applied.
 
-Importing this module registers the model with lm-eval (``--model rope_ext``). lm-eval 0.4.13 loads
-no plugins, so its own ``lm_eval`` command does not know the name; run it through
-``python -m rope_ext.eval.lm_eval_cli`` (or ``rope-ext lm-eval``), which imports this module first.
+``import rope_ext.eval`` registers the name with lm-eval (``rope_ext.eval.lm_eval_tasks.register``);
+lm-eval imports this module when the model is first asked for. lm-eval 0.4.13 loads no plugins, so its
+own ``lm_eval`` command does not know the name; run it through ``python -m rope_ext.eval.lm_eval_cli``
+(or ``rope-ext lm-eval``).
 
 model_args (``--model_args pretrained=PATH,method=yarn,factor=4,max_length=2048``):
   * ``pretrained``: a local checkpoint directory, a ``.gguf`` file, or ``smollm2`` (the shipped GGUF);
@@ -35,9 +36,9 @@ import rope_ext
 from rope_ext.facts import rope_spec
 from rope_ext.methods import registry
 
+from .lm_eval_tasks import MODEL_NAME
 from .spec import parse_value, resolve, trained_length
 
-MODEL_NAME = "rope_ext"
 HFLM_ARGS = ("batch_size", "max_batch_size", "truncation", "logits_cache", "add_bos_token", "prefix_token_id",
              "softmax_dtype", "mixed_precision_dtype", "think_end_token", "enable_thinking", "chat_template_args")
 LOAD_ARGS = ("dtype", "attn_implementation")

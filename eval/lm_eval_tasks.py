@@ -1,21 +1,29 @@
-"""Offline data for the lm-eval tasks shipped in ``rope_ext/eval/tasks/`` (``rope_ext_passkey``,
-``rope_ext_ppl``): lm-eval calls these builders through the tasks' ``custom_dataset``, handing them
-``--model_args`` merged with ``--metadata`` as keyword arguments. Nothing is downloaded.
+"""The rope_ext tasks of lm-eval (``rope_ext/eval/tasks/*.yaml``), their offline data, and ``register``,
+which ``import rope_ext.eval`` calls so that lm-eval knows the ``rope_ext`` model type and these tasks.
+lm-eval calls the builders below through the tasks' ``custom_dataset``, handing them ``model_args``
+merged with ``metadata`` as keyword arguments. Nothing is downloaded.
 
-rope_ext_passkey and rope_ext_passkey_classic (generate_until; metrics exact_match and digit_acc,
-means over prompts): the "compact" format (``... pass key #NNNNN. ... What is the pass key? #``; the lab
-passkey model is trained on it) and the "classic" one of the papers (for pretrained / instruct models,
-e.g. SmolLM2), see ``rope_ext.eval.passkey``. Prompts are built by ``rope_ext.eval.passkey.build_prompt`` with the seeds of ``rope-ext eval passkey``
-(``random.Random(f"{seed}:{length}:{depth}:{trial}")``), so both see the same prompts. Metadata keys:
+rope_ext_passkey and rope_ext_passkey_classic (generate_until): the "compact" format (``... pass key
+#NNNNN. ... What is the pass key? #``; the lab passkey model is trained on it) and the "classic" one of
+the papers (for pretrained / instruct models, e.g. SmolLM2), see ``rope_ext.eval.passkey``. Prompts
+are built by ``rope_ext.eval.passkey.build_prompt`` with the seeds of ``rope-ext eval passkey``
+(``random.Random(f"{seed}:{length}:{depth}:{trial}")``), so both see the same prompts. Metrics:
+``exact_match`` and ``digit_acc`` (means over all prompts) and, for each length L requested (in
+tokens), ``exact_match@L`` and ``digit_acc@L`` (means over the prompts of length L only), as lm-eval's
+RULER tasks report one score per length. A document reports only its own length's keys, which lm-eval
+aggregates over the documents that report them (it logs that the metrics were scored on different
+numbers of documents: expected here). The per-length metrics are added to the task's metric_list
+when the task is built (``PasskeyTask``), from the lengths in the metadata. Metadata keys:
   passkey_lengths  "1x,2x,4x" (default; tokens or multiples of the trained length; a list works too)
   passkey_depths   [0, 0.25, 0.5, 0.75, 1]      passkey_trials  5 per (length, depth)
   passkey_keys     1 (> 1: the multi-key variant) passkey_seed    0
   passkey_corpus   "stdlib" or a local path (the compact format's filler)
-The tokenizer and trained length come from ``pretrained`` (from --model_args, or pass it in
---metadata when the model is not ``rope_ext``). A length longer than the model's max_length (model_args
-``max_length``, else what the method's factor / target_length imply) is refused, as is a prompt that
-re-tokenizes (text -> tokens, as lm-eval does) too long to leave room for the answer: lm-eval would
-cut the prompt from the left, key and all.
+Documents are ordered trial, then depth, then length, so that ``limit`` >= the number of lengths
+scores every length. The tokenizer and trained length come from ``pretrained`` (from model_args, or
+pass it in metadata when the model is not ``rope_ext``). A length longer than the model's max_length
+(model_args ``max_length``, else what the method's factor / target_length imply) is refused, as is a
+prompt that re-tokenizes (text -> tokens, as lm-eval does) too long to leave room for the answer:
+lm-eval would cut the prompt from the left, key and all.
 
 rope_ext_ppl (loglikelihood_rolling; word_perplexity, byte_perplexity, bits_per_byte): one document
 per file of ``ppl_corpus`` ("stdlib" = the held-out split of the standard library's source, or a local
@@ -23,13 +31,26 @@ text / .jsonl file or directory, see ``rope_ext.eval.corpus``), ``ppl_split`` ("
 documents shorter than ``ppl_min_chars`` characters left out (to score only long documents), each cut
 to its first ``ppl_max_chars`` characters when given. lm-eval scores each document in rolling
 windows of the model's max_length.
+
+Registration (``register``; lm-eval 0.4.13 reads no plugin entry points and indexes only its own task
+directory unless given ``include_path``): the model type goes into lm-eval's model registry through
+its public ``register`` (a lazy "module:class" entry, so lm-eval's HF model is imported only when
+``rope_ext`` is used). For the tasks, ``TaskManager.__init__`` is wrapped so that a TaskManager built
+with ``include_defaults=True`` (the default, and what ``simple_evaluate`` and lm-eval's CLI build)
+also indexes ``TASKS_DIR``: it goes after lm-eval's own tasks and before the caller's
+``include_path`` (whose tasks may override ours), and is not added twice. This one class attribute is
+the only thing patched; ``register`` is idempotent and ``unregister_tasks`` restores the original.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import random
 import re
 from pathlib import Path
 from typing import Any
+
+from lm_eval.api.task import ConfigurableTask
 
 from rope_ext.lengths import parse_lengths
 
@@ -39,20 +60,15 @@ from .spec import parse_value, trained_length
 from .tokens import decode, encode
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+MODEL_NAME = "rope_ext"
+MODEL_TARGET = f"{__package__}.lm_eval_model:RopeExtLM"
+PASSKEY_METRICS = ("exact_match", "digit_acc")
 PASSKEY_KEYS = ("passkey_lengths", "passkey_depths", "passkey_trials", "passkey_keys", "passkey_seed", "passkey_corpus")
 # Tokens generated per prompt: the answer's length (compact "NNNNN"; classic " NNNNN", a byte or a
 # BPE space token more). The tasks' YAML max_gen_toks must say the same (a test checks it).
 GEN_TOKENS = {"compact": 5, "classic": 6}
 PPL_KEYS = ("ppl_corpus", "ppl_split", "ppl_min_chars", "ppl_max_chars")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def task_manager(metadata: dict[str, Any] | None = None, include_path: str | Path | list | None = None) -> Any:
-    """An lm-eval TaskManager that knows the rope_ext tasks (and ``include_path``, if given)."""
-    from lm_eval.tasks import TaskManager
-
-    extra = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
-    return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra)], metadata=metadata or {})
 
 
 def _check_keys(kwargs: dict[str, Any], prefix: str, allowed: tuple[str, ...]) -> None:
@@ -103,19 +119,39 @@ def _max_length(kwargs: dict[str, Any], trained: int) -> int:
     return implied_length({k: parse_arg(kwargs.get(k)) for k in ("factor", "target_length")}, trained)
 
 
-def passkey_docs(fmt: str = "compact", **kwargs: Any) -> list[dict[str, Any]]:
-    """The passkey prompts as documents {prompt, key, length, depth, trial, tokens}, trial-major so that
-    lm-eval's ``--limit`` still covers every (length, depth) cell (see the module docstring)."""
+def length_metric(metric: str, length: int) -> str:
+    """The name of ``metric`` over the prompts of ``length`` tokens: "exact_match@4096"."""
+    return f"{metric}@{length}"
+
+
+def _trained(kwargs: dict[str, Any]) -> tuple[str, int]:
+    """(pretrained, its trained length) from the task's keyword arguments."""
     from rope_ext import models
 
-    _check_keys(kwargs, "passkey_", PASSKEY_KEYS)
     pretrained = kwargs.get("pretrained")
     if not pretrained:
-        raise ValueError("rope_ext_passkey needs the model's tokenizer: give pretrained=PATH in --model_args (or --metadata)")
+        raise ValueError("rope_ext_passkey needs the model's tokenizer: give pretrained=PATH in model_args (or metadata)")
+    return str(pretrained), trained_length(models.load_config(str(pretrained)))
+
+
+def _lengths(kwargs: dict[str, Any], trained: int) -> list[int]:
+    return parse_lengths([str(x) for x in _items(kwargs.get("passkey_lengths", "1x,2x,4x"))], trained,
+                         "passkey_lengths", minimum=2)
+
+
+def passkey_lengths(**kwargs: Any) -> list[int]:
+    """The passkey lengths in tokens that the metadata's ``passkey_lengths`` asks for, in the order given."""
+    _check_keys(kwargs, "passkey_", PASSKEY_KEYS)
+    return _lengths(kwargs, _trained(kwargs)[1])
+
+
+def passkey_docs(fmt: str = "compact", **kwargs: Any) -> list[dict[str, Any]]:
+    """The passkey prompts as documents {prompt, key, length, depth, trial, tokens}, ordered trial,
+    depth, length (see the module docstring)."""
+    _check_keys(kwargs, "passkey_", PASSKEY_KEYS)
+    pretrained, trained = _trained(kwargs)
+    lengths = _lengths(kwargs, trained)
     tokenizer = load_tokenizer(pretrained)
-    trained = trained_length(models.load_config(str(pretrained)))
-    lengths = parse_lengths([str(x) for x in _items(kwargs.get("passkey_lengths", "1x,2x,4x"))], trained,
-                            "passkey_lengths", minimum=2)
     depths = [float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else d
               for d in _items(kwargs.get("passkey_depths", list(DEFAULT_DEPTHS)))]
     if not depths or any(not isinstance(d, float) or not 0 <= d <= 1 for d in depths):
@@ -127,12 +163,12 @@ def passkey_docs(fmt: str = "compact", **kwargs: Any) -> list[dict[str, Any]]:
     limit = _max_length(kwargs, trained)
     if max(lengths) > limit:
         raise ValueError(f"passkey length(s) {', '.join(str(L) for L in lengths if L > limit)} exceed the model's "
-                         f"max_length {limit}: pass max_length={max(lengths)} in --model_args")
+                         f"max_length {limit}: pass max_length={max(lengths)} in model_args")
     filler = filler_stream(tokenizer, style, str(kwargs.get("passkey_corpus", "stdlib")), "eval", max(lengths))
     docs = []
     for t in range(trials):
-        for L in lengths:
-            for d in depths:
+        for d in depths:
+            for L in lengths:
                 prompt, key, _ = build_prompt(tokenizer, style, filler, L, d, random.Random(f"{seed}:{L}:{d}:{t}"), n_keys)
                 text = decode(tokenizer, prompt)
                 docs.append({"prompt": text, "key": key, "length": L, "depth": d, "trial": t,
@@ -140,7 +176,7 @@ def passkey_docs(fmt: str = "compact", **kwargs: Any) -> list[dict[str, Any]]:
     need = max(doc["tokens"] for doc in docs) + GEN_TOKENS[style.name]
     if need > limit:
         raise ValueError(f"the passkey prompts re-tokenize to up to {need - GEN_TOKENS[style.name]} tokens; with the "
-                         f"{GEN_TOKENS[style.name]} generated that exceeds the model's max_length {limit}: pass max_length={need} in --model_args")
+                         f"{GEN_TOKENS[style.name]} generated that exceeds the model's max_length {limit}: pass max_length={need} in model_args")
     return docs
 
 
@@ -159,9 +195,25 @@ def passkey_classic_dataset(**kwargs: Any) -> dict[str, Any]:
 
 
 def passkey_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """Exact match and per-digit accuracy of the first run of digits generated (``passkey.score``)."""
+    """Exact match and per-digit accuracy of the first run of digits generated (``passkey.score``),
+    overall and under the document's own length (``exact_match@L``, ``digit_acc@L``)."""
     scored = score([results[0]], [doc["key"]])
-    return {"exact_match": float(scored["exact"]), "digit_acc": float(scored["digit_acc"])}
+    values = {"exact_match": float(scored["exact"]), "digit_acc": float(scored["digit_acc"])}
+    return {**values, **{length_metric(m, doc["length"]): v for m, v in values.items()}}
+
+
+class PasskeyTask(ConfigurableTask):
+    """A passkey task of ``TASKS_DIR`` (its YAML's ``class``): lm-eval's configurable task with
+    ``exact_match@L`` / ``digit_acc@L`` (mean, higher is better) added to the YAML's metric_list for
+    each length L that the metadata's ``passkey_lengths`` asks for."""
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        if not config:
+            raise ValueError(f"{type(self).__name__} is built by lm-eval from its task YAML in {TASKS_DIR}; it needs that config")
+        config = {k: v for k, v in config.items() if k != "class"}
+        per_length = [{"metric": length_metric(m, L), "aggregation": "mean", "higher_is_better": True}
+                      for L in passkey_lengths(**(config.get("metadata") or {})) for m in PASSKEY_METRICS]
+        super().__init__(config={**config, "metric_list": [*(config.get("metric_list") or []), *per_length]})
 
 
 def ppl_docs(**kwargs: Any) -> list[dict[str, str]]:
@@ -182,3 +234,54 @@ def ppl_dataset(**kwargs: Any) -> dict[str, Any]:
     import datasets
 
     return {"test": datasets.Dataset.from_list(ppl_docs(**kwargs))}
+
+
+def _include_path_with_tasks(include_path: Any) -> Any:
+    """``include_path`` with ``TASKS_DIR`` first (``include_path`` itself when it holds TASKS_DIR already)."""
+    paths = [] if not include_path else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+    if any(Path(p).expanduser().resolve() == TASKS_DIR for p in paths):
+        return include_path
+    return [str(TASKS_DIR), *paths]
+
+
+def _indexing_rope_ext_tasks(init: Any) -> Any:
+    """``TaskManager.__init__`` that also indexes TASKS_DIR when lm-eval's default tasks are included."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments["include_defaults"]:
+            bound.arguments["include_path"] = _include_path_with_tasks(bound.arguments["include_path"])
+        init(*bound.args, **bound.kwargs)
+
+    __init__.rope_ext_original = init
+    return __init__
+
+
+def register() -> None:
+    """Make lm-eval know the ``rope_ext`` model type and the tasks of ``TASKS_DIR`` in this process
+    (module docstring). Idempotent; ``import rope_ext.eval`` calls it when lm-eval is importable."""
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: it fills only an empty registry itself)
+    from lm_eval.api.registry import model_registry
+    from lm_eval.tasks import TaskManager
+
+    init = TaskManager.__init__
+    missing = {"include_path", "include_defaults"} - set(inspect.signature(init).parameters)
+    if missing:
+        raise ImportError(f"lm-eval's TaskManager takes no {', '.join(sorted(missing))}: this lm-eval version cannot "
+                          f"index the rope_ext tasks; rope-ext supports lm-eval 0.4.13")
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target=MODEL_TARGET)
+    if not hasattr(init, "rope_ext_original"):
+        TaskManager.__init__ = _indexing_rope_ext_tasks(init)
+
+
+def unregister_tasks() -> None:
+    """Undo ``register``'s wrapping of ``TaskManager.__init__`` (the model type stays registered)."""
+    from lm_eval.tasks import TaskManager
+
+    original = getattr(TaskManager.__init__, "rope_ext_original", None)
+    if original is not None:
+        TaskManager.__init__ = original

@@ -108,18 +108,21 @@ def build_prompt(tokenizer: Any, fmt: PasskeyFormat, filler: torch.Tensor, lengt
     return torch.cat(parts), keys[asked], answer
 
 
-def score(generated: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
-    """Exact match and per-digit accuracy of the first run of digits the model produced (cut to the key's length)."""
-    exact, digits, predictions = 0, 0, []
-    for text, key in zip(generated, keys):
+def score(generated: Sequence[str], keys: Sequence[str], depth: float | None = None) -> dict[str, Any]:
+    """Exact match and per-digit accuracy of the first run of digits the model produced (cut to the
+    key's length), and per trial (prompt t of the cell) its outcome: {depth, trial, correct, digits}."""
+    exact, digits, predictions, outcomes = 0, 0, [], []
+    for trial, (text, key) in enumerate(zip(generated, keys)):
         run = re.search(r"\d+", text)
         got = run.group(0)[: len(key)] if run else ""
         predictions.append(got)
+        right = sum(a == b for a, b in zip(got, key))
+        outcomes.append({"depth": depth, "trial": trial, "correct": got == key, "digits": right})
         exact += got == key
-        digits += sum(a == b for a, b in zip(got, key))
+        digits += right
     n = len(keys)
     return {"exact": exact / n, "digit_acc": digits / (n * DIGITS), "trials": n,
-            "keys": list(keys), "predictions": predictions}
+            "keys": list(keys), "predictions": predictions, "outcomes": outcomes}
 
 
 @torch.inference_mode()
@@ -157,8 +160,9 @@ def passkey(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[int | str]
     ``lengths`` as in ``perplexity`` (tokens or "4x"; prompt + answer = length). ``depths`` in [0, 1].
     ``n_keys`` > 1: the multi-key variant. ``fmt``: "compact" or "classic" (module docstring).
     Method defaults are filled in per length as for perplexity (``rope_ext.eval.spec``). Each record's
-    result is {exact, digit_acc, trials, keys, predictions}. ``run_dir``: resumed and appended to
-    (config.json records the settings and ``record``; env.json the environment).
+    result is {exact, digit_acc, trials, keys, predictions, outcomes: [{depth, trial, correct, digits}]}.
+    ``run_dir``: resumed and appended to (config.json records the settings and ``record``; env.json
+    the environment).
     """
     run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
     trained = trained_length(model.config)
@@ -202,7 +206,7 @@ def passkey(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[int | str]
                 key = {"task": "passkey", "model": identity, "method": m, "params": params, "length": L,
                        "trained_length": trained, "depth": float(d), "trials": trials, "n_keys": n_keys,
                        "format": style.name, "seed": seed, "filler": _filler_id(style, corpus)}
-                cells.append(Cell(key, f"{m} @ {L} depth {d:g}", _bind(model, tokenizer, m, params, prompts[(L, d)], batch_size)))
+                cells.append(Cell(key, f"{m} @ {L} depth {d:g}", _bind(model, tokenizer, m, params, prompts[(L, d)], batch_size, float(d))))
     return run_cells(cells, store, desc=f"passkey {identity['name']}", progress=progress)
 
 
@@ -213,15 +217,15 @@ def _filler_id(style: PasskeyFormat, corpus: str | Corpus) -> str:
 
 
 def compute_cell(model: torch.nn.Module, tokenizer: Any, method: str, params: dict[str, Any],
-                 built: list[tuple[torch.Tensor, str, torch.Tensor]], batch_size: int) -> dict[str, Any]:
+                 built: list[tuple[torch.Tensor, str, torch.Tensor]], batch_size: int, depth: float) -> dict[str, Any]:
     prompts = torch.stack([p for p, _, _ in built])
     new_tokens = max(a.numel() for _, _, a in built)
     with applied(model, method, params):
         texts = generate_answers(model, tokenizer, prompts, new_tokens, batch_size)
-    return score(texts, [k for _, k, _ in built])
+    return score(texts, [k for _, k, _ in built], depth)
 
 
-def _bind(model, tokenizer, method, params, built, batch_size):
+def _bind(model, tokenizer, method, params, built, batch_size, depth):
     def compute() -> dict[str, Any]:
-        return compute_cell(model, tokenizer, method, params, built, batch_size)
+        return compute_cell(model, tokenizer, method, params, built, batch_size, depth)
     return compute

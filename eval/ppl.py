@@ -14,11 +14,14 @@ Windows (``mode``):
     every ``doc_stride`` tokens (default: ``length``, non-overlapping).
 Documents are taken in a seeded order (sha256 of seed and name). The loss is computed in chunks:
 the model body gives hidden states, then lm_head + cross-entropy run ``chunk_size`` positions at a
-time, so full-vocabulary logits for the whole window never exist at once.
+time, so full-vocabulary logits for the whole window never exist at once. Each record keeps, per window,
+the NLL sums and token counts behind every aggregate (``summarize``): the report's intervals
+(``rope_ext.eval.stats``) resample those windows.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +36,7 @@ from .corpus import Corpus, load_corpus
 from .results import ResultStore, RunDir
 from .runner import Cell, applied, check_methods, model_identity, run_cells
 from .spec import SLIDING, parse_methods, resolve, trained_length
+from .stats import pooled_ppl
 from .tokens import encode
 
 MODES = ("truncate", "concat")
@@ -100,22 +104,34 @@ def sliding_nll(model: torch.nn.Module, ids: torch.Tensor, window: int, stride: 
 
 def summarize(nll: torch.Tensor, trained: int, buckets: int) -> dict[str, Any]:
     """PPL overall, past the trained length (positions p >= trained), within it, and per bucket of
-    positions (``buckets`` equal buckets over 0..L-2; the last takes the remainder)."""
+    positions (``buckets`` equal buckets over 0..L-2; the last takes the remainder), plus the same
+    per window (row of ``nll``) as NLL sums and token counts under "documents". Every aggregate is
+    computed from the windows' sums (exp of their sum over their token count), so they add up."""
     nll = nll.double()
     if nll.ndim == 1:
         nll = nll[None]
     n_pos = nll.shape[1]
-
-    def ppl(part: torch.Tensor) -> float | None:
-        return float(torch.exp(part.mean())) if part.numel() else None
-
     width = max(1, n_pos // buckets)
     edges = list(range(0, n_pos, width))[:buckets] + [n_pos]
+    spans = list(zip(edges[:-1], edges[1:]))
+    docs = [{"window": i, "nll_sum": float(row.sum()), "tokens": n_pos,
+             "nll_sum_past": float(row[trained:].sum()), "tokens_past": int(row[trained:].numel()),
+             "nll_sum_within": float(row[:trained].sum()), "tokens_within": int(row[:trained].numel()),
+             "bucket_nll_sums": [float(row[s:e].sum()) for s, e in spans]} for i, row in enumerate(nll)]
+
+    def ppl(sums: list[float], tokens: int) -> float | None:
+        return pooled_ppl(sums, [tokens]) if tokens else None
+
+    def part(suffix: str) -> float | None:
+        return ppl([d["nll_sum" + suffix] for d in docs], sum(d["tokens" + suffix] for d in docs))
+
+    total = sum(d["tokens"] for d in docs)
     return {
-        "ppl": ppl(nll), "nll": float(nll.mean()), "tokens": int(nll.numel()),
-        "ppl_past": ppl(nll[:, trained:]), "tokens_past": int(nll[:, trained:].numel()),
-        "ppl_within": ppl(nll[:, :trained]),
-        "buckets": [{"start": s, "end": e, "ppl": ppl(nll[:, s:e])} for s, e in zip(edges[:-1], edges[1:])],
+        "ppl": part(""), "nll": math.fsum(d["nll_sum"] for d in docs) / total, "tokens": total,
+        "ppl_past": part("_past"), "tokens_past": sum(d["tokens_past"] for d in docs), "ppl_within": part("_within"),
+        "buckets": [{"start": s, "end": e, "ppl": ppl([d["bucket_nll_sums"][j] for d in docs], (e - s) * len(docs))}
+                    for j, (s, e) in enumerate(spans)],
+        "documents": docs,
     }
 
 
@@ -204,7 +220,9 @@ def perplexity(model: torch.nn.Module, data: Any, lengths: Sequence[int | str] |
     RunDir) whose results.jsonl is resumed and appended to (plus config.json with the resolved
     settings and ``record``, e.g. the command line, and env.json); without it nothing is written.
     Each record is {"id", "key": {task, model, method, params, length, trained_length, mode, sample,
-    ...}, "result": {ppl, ppl_past, ppl_within, tokens, tokens_past, buckets: [{start, end, ppl}]},
+    ...}, "result": {ppl, ppl_past, ppl_within, tokens, tokens_past, buckets: [{start, end, ppl}],
+    documents: [{window, nll_sum, tokens, nll_sum_past, tokens_past, nll_sum_within, tokens_within,
+    bucket_nll_sums}] (one per window: what the report's intervals are computed from), sources},
     "meta": {seconds, ...}}.
     """
     run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)

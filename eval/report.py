@@ -1,6 +1,11 @@
-"""The report of a run directory: Markdown tables, CSV files and PNG plots from results.jsonl.
+"""The report of a run directory: Markdown tables, CSV files and PNG plots (``report_plots``) from results.jsonl.
 
-Works on any subset of cells (a partial or interrupted run): missing cells show as "–".
+Works on any subset of cells (a partial or interrupted run): missing cells show as "–". Beside each
+figure: n (windows, trials or documents) and its 95% interval (``rope_ext.eval.stats``): a bootstrap
+over the windows a record keeps for perplexities, paired by window for ratios, Wilson's interval for
+exact-match accuracy. A method is called better than another only when those intervals separate.
+Records written before per-window values were kept still report, marked "no per-document values:
+rerun to get intervals".
     RUN_DIR/report.md
     RUN_DIR/report/ppl.csv, passkey.csv, stream.csv
     RUN_DIR/report/ppl_vs_length_<model>.png, ppl_by_position_<model>_<length>.png, passkey_<model>.png,
@@ -10,24 +15,31 @@ from __future__ import annotations
 
 import csv
 import json
-import re
+import math
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .report_intervals import digit_interval, documents, exact_interval, ppl_interval, ratio_interval, successes
+from .report_plots import plot_passkey, plot_ppl, plot_stream
 from .results import CONFIG, ENV, RESULTS, ResultStore
 from .spec import SLIDING
+from .stats import DRAWS, SEED, Interval, bootstrap_ppl, bootstrap_ratio, separated
 
 NOTE = ("How to read the perplexities: the sliding-window baseline scores every token with the model at "
         "its trained length (windows of the trained length), which is what ideal extrapolation would match "
         "(1.00x). A small model, such as the byte-level lab models, gains little from context beyond its "
         "window, so for it the criterion is staying flat -- PPL past the trained length close to the "
         "baseline -- not getting lower.")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:60] or "model"
+SPREAD = (f"How to read the intervals: in brackets the 95% interval -- for a perplexity a percentile bootstrap over "
+          f"the windows (documents) of the cell ({DRAWS} draws, seed {SEED}), for a ratio the same paired by window, "
+          f"for exact match Wilson's score interval over the trials. With few windows the bootstrap understates the "
+          f"spread. A method is called better than another only when the paired ratio's interval excludes 1 "
+          f"(accuracies: when the Wilson intervals do not overlap).")
+NO_DOCS = "no per-document values: rerun to get intervals"
+MARK = "†"
 
 
 def _model_label(key: dict[str, Any], names: dict[str, set[str]]) -> str:
@@ -44,8 +56,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def _length_header(length: int, trained: int) -> str:
-    mult = length / trained
-    rel = f"{mult:g}x"
+    rel = f"{length / trained:g}x"
     return f"**{length} ({rel}, trained)**" if length == trained else f"{length} ({rel})"
 
 
@@ -75,42 +86,137 @@ def _params_summary(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _no_interval(*results: dict[str, Any]) -> str:
+    """Why a figure of these results has no interval."""
+    if any(documents(r) is None for r in results):
+        return NO_DOCS
+    return "one window: no interval (n=1)"
+
+
+def _ci(iv: Interval, digits: int = 2, scale: float = 1.0, unit: str = "") -> str:
+    return f"({iv.low * scale:.{digits}f}–{iv.high * scale:.{digits}f}{unit})"
+
+
+def _ppl_cell(rec: dict[str, Any] | None, part: str) -> str:
+    value = None if rec is None else rec["result"].get("ppl" + part)
+    if value is None:
+        return "–"
+    iv = ppl_interval(rec["result"], part)
+    if iv is not None:
+        return f"{_fmt(value)} ({_fmt(iv.low)}–{_fmt(iv.high)})"
+    return _fmt(value) + ("" if documents(rec["result"]) else f" {MARK}")
+
+
+def _ratio_cell(rec: dict[str, Any] | None, ref: dict[str, Any] | None) -> str:
+    if not rec or not ref or rec["result"].get("ppl_past") is None or not ref["result"].get("ppl_past"):
+        return "–"
+    text = f"{rec['result']['ppl_past'] / ref['result']['ppl_past']:.2f}x"
+    if rec is ref:
+        return text
+    iv = ratio_interval(rec, ref)
+    if iv is not None:
+        return f"{text} {_ci(iv)}"
+    return text + ("" if documents(rec["result"]) and documents(ref["result"]) else f" {MARK}")
+
+
+def _versus(iv: Interval, other: str) -> str:
+    """How a paired ratio to ``other`` reads: above, below, or not distinguishable at n."""
+    if iv.low > 1:
+        return f"above {other}"
+    if iv.high < 1:
+        return f"below {other}"
+    return f"not distinguishable from {other} at n={iv.n}"
+
+
+# --- perplexity ----------------------------------------------------------------------------------
+
+def _ppl_cells(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(r["key"]["method"], r["key"]["length"]): r for r in records}
+
+
+def _n_caption(records: list[dict[str, Any]], n: int, unit: str, more: str) -> list[str]:
+    if n == 1:
+        lines = [f"n = 1 {unit} per cell: no intervals (a bootstrap needs at least 2 {unit}s; {more}); no method is ranked."]
+    else:
+        lines = [f"n = {n} {unit}s per cell; in brackets the 95% interval (bootstrap over the {unit}s; ratios paired by {unit})."]
+    if any(documents(r["result"]) is None for r in records):
+        lines.append(f"{MARK} {NO_DOCS}.")
+    return lines
+
+
 def _ppl_section(label: str, records: list[dict[str, Any]], out_dir: Path) -> list[str]:
     first = records[0]["key"]
     trained = first["trained_length"]
     methods = _method_order([r["key"]["method"] for r in records])
     lengths = sorted({r["key"]["length"] for r in records})
-    cells = {(r["key"]["method"], r["key"]["length"]): r["result"] for r in records}
+    cells = _ppl_cells(records)
     base = {L: cells.get((SLIDING, L)) for L in lengths}
-
-    def value(field):
-        return lambda m, L: _fmt((cells.get((m, L)) or {}).get(field))
-
-    def vs_baseline(m, L):
-        res, ref = cells.get((m, L)), base.get(L)
-        if not res or not ref or res.get("ppl_past") is None or not ref.get("ppl_past"):
-            return "–"
-        return f"{res['ppl_past'] / ref['ppl_past']:.2f}x"
-
     lines = [f"## Perplexity — {label}", "",
-             f"Trained length {trained} tokens; mode `{first['mode']}`, {first['n_docs']} window(s) per cell, seed {first['seed']}; "
-             f"the trained length's column is in bold.", ""]
-    past = any(res.get("ppl_past") is not None for res in cells.values())
+             f"Trained length {trained} tokens; mode `{first['mode']}`, seed {first['seed']}; the trained length's column is in bold.",
+             *_n_caption(records, first["n_docs"], "window", "rerun with --docs 4 or more"), ""]
+    past = any(r["result"].get("ppl_past") is not None for r in records)
     if past:
         lines += ["**PPL of the tokens past the trained length** (predictions made at positions >= trained length):", ""]
-        lines += _table(methods, lengths, trained, value("ppl_past"))
+        lines += _table(methods, lengths, trained, lambda m, L: _ppl_cell(cells.get((m, L)), "_past"))
     else:
         lines += ["Every length is within the trained length: only whole-window PPL applies."]
-    if past and base and any(base.values()):
-        lines += ["", "**The same, relative to the sliding-window baseline** (1.00x = ideal extrapolation):", ""]
-        lines += _table(methods, lengths, trained, vs_baseline)
+    if past and any(base.values()):
+        lines += ["", "**The same, relative to the sliding-window baseline** (1.00x = ideal extrapolation; paired by window):", ""]
+        lines += _table(methods, lengths, trained, lambda m, L: _ratio_cell(cells.get((m, L)), base.get(L)))
     lines += ["", "**PPL over the whole window:**", ""]
-    lines += _table(methods, lengths, trained, value("ppl"))
+    lines += _table(methods, lengths, trained, lambda m, L: _ppl_cell(cells.get((m, L)), ""))
     lines += ["", "Parameters per length (every default made explicit):", ""] + _params_summary(records)
-    plots = _plot_ppl(label, trained, methods, lengths, cells, out_dir)
+    plots = plot_ppl(label, trained, methods, lengths, cells, out_dir)
     lines += [""] + [f"![{p.stem}](report/{p.name})" for p in plots]
     return lines + [""]
 
+
+def _ppl_ranking(cells: dict[tuple[str, int], dict[str, Any]], methods: list[str], L: int) -> str:
+    """"Best method: X ..." only when X's PPL is below every other's with a paired interval excluding 1;
+    otherwise which methods it is not distinguishable from, or why nothing is ranked."""
+    order = sorted(methods, key=lambda m: cells[(m, L)]["result"]["ppl_past"])
+    if len(order) < 2:
+        return ""
+    best = order[0]
+    ivs = {m: ratio_interval(cells[(best, L)], cells[(m, L)]) for m in order[1:]}
+    missing = [m for m, iv in ivs.items() if iv is None]
+    if missing:
+        return f"No method is ranked: {_no_interval(*(cells[(m, L)]['result'] for m in [best, *missing]))}."
+    ties = [m for m, iv in ivs.items() if iv.high >= 1]
+    if not ties:
+        nxt = order[1]
+        return (f"Best method: {best} (PPL below every other method's; to the next, {nxt}, paired ratio "
+                f"{ivs[nxt].point:.2f}x {_ci(ivs[nxt])}, n={ivs[nxt].n}).")
+    shown = ", ".join(f"{m} (paired ratio {best} / {m} {ivs[m].point:.2f}x {_ci(ivs[m])})" for m in ties)
+    return f"{best} has the lowest point estimate but is not distinguishable at n={ivs[ties[0]].n} from {shown}: no method is ranked."
+
+
+def _ppl_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
+    """One line: at the longest length with a baseline, each method against the baseline (paired
+    interval), and a best method only when the intervals say so."""
+    cells = _ppl_cells(recs)
+    lengths = sorted({L for (m, L), r in cells.items() if m == SLIDING and r["result"].get("ppl_past")}, reverse=True)
+    if not lengths:
+        return []
+    L, trained = lengths[0], recs[0]["key"]["trained_length"]
+    ref = cells[(SLIDING, L)]
+    methods = [m for m in _method_order([m for m, _ in cells]) if m != SLIDING and cells.get((m, L))
+               and cells[(m, L)]["result"].get("ppl_past")]
+    parts = [f"sliding-window baseline {_ppl_cell(ref, '_past')}"]
+    for m in methods:
+        rec = cells[(m, L)]
+        text = f"{m} {_fmt(rec['result']['ppl_past'])} = {rec['result']['ppl_past'] / ref['result']['ppl_past']:.2f}x the baseline"
+        iv = ratio_interval(rec, ref)
+        parts.append(f"{text} ({_no_interval(rec['result'], ref['result'])})" if iv is None
+                     else f"{text} {_ci(iv)}, {_versus(iv, 'the baseline')}")
+    n = len(documents(ref["result"]) or []) or recs[0]["key"]["n_docs"]
+    line = (f"- **{label}**, PPL past the trained length at {L} tokens ({L / trained:g}x), n={n} window(s): "
+            + "; ".join(parts) + ".")
+    ranking = _ppl_ranking(cells, methods, L)
+    return [line + (f" {ranking}" if ranking else "")]
+
+
+# --- passkey -------------------------------------------------------------------------------------
 
 def _passkey_section(label: str, records: list[dict[str, Any]], out_dir: Path) -> list[str]:
     first = records[0]["key"]
@@ -122,28 +228,157 @@ def _passkey_section(label: str, records: list[dict[str, Any]], out_dir: Path) -
     for r in records:
         by_ml[(r["key"]["method"], r["key"]["length"])].append(r["result"])
 
-    def mean(field):
-        def cell(m, L):
-            res = by_ml.get((m, L))
-            if not res:
-                return "–"
-            n = sum(x["trials"] for x in res)
-            return f"{100 * sum(x[field] * x['trials'] for x in res) / n:.0f}%"
-        return cell
+    def exact(m: str, L: int) -> str:
+        res = by_ml.get((m, L))
+        if not res:
+            return "–"
+        iv = exact_interval(res)
+        return f"{100 * iv.point:.0f}% {_ci(iv, 0, 100)}, n={iv.n}"
+
+    def digits(m: str, L: int) -> str:
+        res = by_ml.get((m, L))
+        if not res:
+            return "–"
+        acc = sum(x["digit_acc"] * x["trials"] for x in res) / sum(x["trials"] for x in res)
+        iv = digit_interval(res)
+        return f"{100 * acc:.0f}%" + (f" {_ci(iv, 0, 100)}" if iv else f" {MARK}")
 
     keys = "1 key" if first["n_keys"] == 1 else f"{first['n_keys']} keys, one asked"
     lines = [f"## Passkey retrieval — {label}", "",
              f"Format `{first['format']}`, {keys}, {first['trials']} trials per (length, depth), depths "
-             f"{', '.join(f'{d:g}' for d in depths)}; trained length {trained}.", "",
-             "**Exact match** (all digits), averaged over depths:", ""]
-    lines += _table(methods, lengths, trained, mean("exact"))
-    lines += ["", "**Per-digit accuracy**, averaged over depths:", ""]
-    lines += _table(methods, lengths, trained, mean("digit_acc"))
+             f"{', '.join(f'{d:g}' for d in depths)}; trained length {trained}. n = the trials of a (method, length) "
+             f"over its depths; in brackets the 95% interval (Wilson for exact match, a bootstrap over trials for digits).", "",
+             "**Exact match** (all digits), over depths:", ""]
+    lines += _table(methods, lengths, trained, exact)
+    lines += ["", "**Per-digit accuracy**, over depths:", ""]
+    lines += _table(methods, lengths, trained, digits)
+    if any(digit_interval([r["result"]]) is None for r in records):
+        lines += ["", f"{MARK} no per-trial outcomes: rerun to get intervals."]
     lines += ["", "Parameters per length:", ""] + _params_summary([r for r in records if r["key"]["depth"] == depths[0]])
-    grid = {(r["key"]["method"], r["key"]["length"], r["key"]["depth"]): r["result"]["exact"] for r in records}
-    plot = _plot_passkey(label, methods, lengths, depths, trained, grid, out_dir)
+    grid = {(r["key"]["method"], r["key"]["length"], r["key"]["depth"]): r["result"] for r in records}
+    plot = plot_passkey(label, methods, lengths, depths, trained, grid, out_dir)
     return lines + ["", f"![{plot.stem}](report/{plot.name})", ""]
 
+
+def _passkey_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
+    """One line: exact match per method at the longest length with its Wilson interval; a best method
+    only when its interval lies above every other's."""
+    L = max(r["key"]["length"] for r in recs)
+    results: dict[str, list[dict]] = defaultdict(list)
+    for r in recs:
+        if r["key"]["length"] == L:
+            results[r["key"]["method"]].append(r["result"])
+    ivs = {m: exact_interval(results[m]) for m in _method_order(list(results))}
+    trained = recs[0]["key"]["trained_length"]
+    line = (f"- **{label}**, passkey exact match at {L} tokens ({L / trained:g}x): "
+            + ", ".join(f"{m} {100 * iv.point:.0f}% {_ci(iv, 0, 100, '%')} n={iv.n}" for m, iv in ivs.items()) + ".")
+    if len(ivs) > 1:
+        best = max(ivs, key=lambda m: ivs[m].point)
+        ties = [m for m in ivs if m != best and not separated(ivs[best], ivs[m])]
+        if not ties:
+            line += f" Best method: {best} (its interval lies above every other's)."
+        else:
+            line += (f" {best} has the highest point estimate but is not distinguishable from {', '.join(ties)} "
+                     f"at n={ivs[best].n} trials: no method is ranked.")
+    return [line]
+
+
+# --- streaming -----------------------------------------------------------------------------------
+
+def _stream_label(recs: list[dict[str, Any]], names: dict[str, set[str]]) -> str:
+    k = recs[0]["key"]
+    return f"{_model_label(k, names)} (streaming {k['tokens']} tokens)"
+
+
+def _stream_rows(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """{config label: its records, by document}, in the order dense, window, sinks, sliding."""
+    order = ("dense", "window", "sinks", "sliding")
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    kinds = {}
+    for r in sorted(recs, key=lambda r: r["key"]["document"]):
+        rows[r["key"]["label"]].append(r)
+        kinds[r["key"]["label"]] = r["key"]["config"]
+    ranked = sorted(rows, key=lambda lab: (order.index(kinds[lab]) if kinds[lab] in order else len(order), lab))
+    return {lab: rows[lab] for lab in ranked}
+
+
+def _sums(parts: list[dict[str, Any]]) -> tuple[list[float], list[int]]:
+    """NLL sums and token counts of results (or buckets) that keep a mean NLL and a token count."""
+    return [p["nll"] * p["tokens"] for p in parts], [p["tokens"] for p in parts]
+
+
+def _stream_ppl(parts: list[dict[str, Any]]) -> tuple[float, Interval | None]:
+    """PPL over every token of ``parts`` (one per document) and its bootstrap interval over documents."""
+    sums, tokens = _sums(parts)
+    point = math.exp(math.fsum(sums) / sum(tokens))
+    return point, (bootstrap_ppl(sums, tokens) if len(parts) > 1 else None)
+
+
+def _stream_buckets(recs: list[dict[str, Any]]) -> list[tuple[int, float, float, float | None, float | None]]:
+    """(bucket end, log PPL over the documents, cache MiB at the bucket end (largest over the
+    documents), and the log-PPL interval's low and high over documents, None with one document)."""
+    by_end: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in recs:
+        for b in r["result"]["buckets"]:
+            by_end[b["end"]].append(b)
+    out = []
+    for end, bs in sorted(by_end.items()):
+        point, iv = _stream_ppl(bs)
+        out.append((end, math.log(point), max(b["cache_bytes"] for b in bs) / float(1 << 20),
+                    math.log(iv.low) if iv else None, math.log(iv.high) if iv else None))
+    return out
+
+
+def _stream_section(label: str, recs: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    k = recs[0]["key"]
+    rows = _stream_rows(recs)
+    lines = [f"## Streaming perplexity — {label}", "",
+             f"Each document fed one token at a time through the KV cache (StreamingLLM's eval_long_ppl); trained "
+             f"length {k['trained_length']}; buckets of {k['bucket']} predictions. `sliding` recomputes over the last "
+             f"S + W tokens without a cache; with `every K` only every K-th prediction is measured. With several "
+             f"documents, in brackets the 95% interval (bootstrap over documents).", "",
+             "| config | documents | PPL (all tokens) | PPL (last bucket) | peak cache MiB | median ms/token | tokens measured |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for lab, group in rows.items():
+        results = [r["result"] for r in group]
+        cols = []
+        for parts in (results, [r["buckets"][-1] for r in results]):
+            point, iv = _stream_ppl(parts)
+            cols.append(_fmt(point) + (f" ({_fmt(iv.low)}–{_fmt(iv.high)})" if iv else ""))
+        ms = statistics.median(r["ms_per_token_median"] for r in results)
+        peak = max(r["cache_mib_peak"] for r in results)
+        lines.append(f"| {lab} | {len(results)} | {cols[0]} | {cols[1]} | {peak:.3f} | {ms:.2f} | "
+                     f"{sum(r['tokens'] for r in results)} |")
+    plots = plot_stream(label, k["trained_length"], {lab: _stream_buckets(group) for lab, group in rows.items()}, out_dir)
+    return lines + [""] + [f"![{p.stem}](report/{p.name})" for p in plots] + [""]
+
+
+def _stream_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
+    """One line: PPL per config label, and sinks over sliding (paired by document) where both ran
+    without a method and sliding measured every prediction."""
+    rows = _stream_rows(recs)
+    ppl = {lab: _stream_ppl([r["result"] for r in group]) for lab, group in rows.items()}
+    line = f"- **{label}**, streaming PPL: " + "; ".join(
+        f"{lab} {_fmt(v)}" + (f" ({_fmt(iv.low)}–{_fmt(iv.high)})" if iv else "") for lab, (v, iv) in ppl.items())
+    kinds = {r["key"]["label"]: (r["key"]["config"], r["key"]["method"]) for r in recs}
+    sinks = [lab for lab, kind in kinds.items() if kind == ("sinks", "none")]
+    sliding = [lab for lab, kind in kinds.items() if kind == ("sliding", "none")]
+    every = {r["key"]["label"]: r["key"].get("recompute_every", 1) for r in recs}
+    if len(sinks) == 1 and len(sliding) == 1 and every[sliding[0]] == 1:
+        a, b = rows[sinks[0]], rows[sliding[0]]
+        line += f"; sinks / sliding {ppl[sinks[0]][0] / ppl[sliding[0]][0]:.2f}x"
+        paired = [x["key"]["sample"] for x in a] == [y["key"]["sample"] for y in b]
+        if paired and len(a) > 1:
+            iv = bootstrap_ratio(*_sums([x["result"] for x in a]), *_sums([y["result"] for y in b]))
+            line += f" {_ci(iv)}, paired by document, n={iv.n}"
+        else:
+            line += f" (n={len(a)} document(s): no interval)"
+    elif len(sliding) == 1:
+        line += f" (sliding measured on every {every[sliding[0]]}-th prediction only: no ratio to the others)"
+    return [line + "."]
+
+
+# --- the report ----------------------------------------------------------------------------------
 
 def _group(records: list[dict[str, Any]], task: str, fields: tuple[str, ...]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -169,117 +404,6 @@ def _passkey_label(recs: list[dict[str, Any]], names: dict[str, set[str]]) -> st
     return f"{_model_label(k, names)} ({k['format']}, {k['n_keys']} key(s), seed {k['seed']})"
 
 
-def _ppl_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
-    """One line: at the longest length with a baseline, plain and the best method vs the baseline."""
-    cells = {(r["key"]["method"], r["key"]["length"]): r["result"] for r in recs}
-    lengths = sorted({L for (m, L) in cells if m == SLIDING and cells[(m, L)].get("ppl_past")}, reverse=True)
-    if not lengths:
-        return []
-    L, trained = lengths[0], recs[0]["key"]["trained_length"]
-    ref = cells[(SLIDING, L)]["ppl_past"]
-    others = {m: res["ppl_past"] for (m, l), res in cells.items() if l == L and m not in (SLIDING, "none") and res.get("ppl_past")}
-    parts = [f"sliding-window baseline {ref:.2f}"]
-    if ("none", L) in cells:
-        parts.append(f"none (as trained) {cells[('none', L)]['ppl_past']:.2f} ({cells[('none', L)]['ppl_past'] / ref:.2f}x)")
-    if others:
-        best = min(others, key=others.get)
-        parts.append(f"best method {best} {others[best]:.2f} ({others[best] / ref:.2f}x)")
-    return [f"- **{label}**, PPL past the trained length at {L} tokens ({L / trained:g}x): " + "; ".join(parts) + "."]
-
-
-def _passkey_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
-    """One line: exact match per method at the longest length, best first."""
-    L = max(r["key"]["length"] for r in recs)
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for r in recs:
-        if r["key"]["length"] == L:
-            t = totals[r["key"]["method"]]
-            t[0] += r["result"]["exact"] * r["result"]["trials"]
-            t[1] += r["result"]["trials"]
-    ranked = sorted(((100 * a / n, m) for m, (a, n) in totals.items()), reverse=True)
-    trained = recs[0]["key"]["trained_length"]
-    return [f"- **{label}**, passkey exact match at {L} tokens ({L / trained:g}x): "
-            + ", ".join(f"{m} {v:.0f}%" for v, m in ranked) + "."]
-
-
-def _stream_label(recs: list[dict[str, Any]], names: dict[str, set[str]]) -> str:
-    k = recs[0]["key"]
-    return f"{_model_label(k, names)} (streaming {k['tokens']} tokens)"
-
-
-def _stream_rows(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """{config label: the results of its documents}, in the order dense, window, sinks, sliding."""
-    order = ("dense", "window", "sinks", "sliding")
-    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    kinds = {}
-    for r in sorted(recs, key=lambda r: r["key"]["document"]):
-        rows[r["key"]["label"]].append(r["result"])
-        kinds[r["key"]["label"]] = r["key"]["config"]
-    ranked = sorted(rows, key=lambda lab: (order.index(kinds[lab]) if kinds[lab] in order else len(order), lab))
-    return {lab: rows[lab] for lab in ranked}
-
-
-def _mean_nll(parts: list[tuple[float, int]]) -> float:
-    """Token-weighted mean of (mean NLL, tokens) pairs."""
-    return sum(v * n for v, n in parts) / sum(n for _, n in parts)
-
-
-def _stream_buckets(results: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
-    """(bucket end, log PPL over the documents, cache MiB at the bucket end, largest over the documents)."""
-    by_end: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for res in results:
-        for b in res["buckets"]:
-            by_end[b["end"]].append(b)
-    return [(end, _mean_nll([(b["nll"], b["tokens"]) for b in bs]), max(b["cache_bytes"] for b in bs) / float(1 << 20))
-            for end, bs in sorted(by_end.items())]
-
-
-def _stream_section(label: str, recs: list[dict[str, Any]], out_dir: Path) -> list[str]:
-    import math
-    import statistics
-
-    k = recs[0]["key"]
-    rows = _stream_rows(recs)
-    lines = [f"## Streaming perplexity — {label}", "",
-             f"Each document fed one token at a time through the KV cache (StreamingLLM's eval_long_ppl); trained "
-             f"length {k['trained_length']}; buckets of {k['bucket']} predictions. `sliding` recomputes over the last "
-             f"S + W tokens without a cache; with `every K` only every K-th prediction is measured.", "",
-             "| config | documents | PPL (all tokens) | PPL (last bucket) | peak cache MiB | median ms/token | tokens measured |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for lab, results in rows.items():
-        ppl = math.exp(_mean_nll([(r["nll"], r["tokens"]) for r in results]))
-        last = math.exp(_mean_nll([(r["buckets"][-1]["nll"], r["buckets"][-1]["tokens"]) for r in results]))
-        spread = ""
-        if len(results) > 1:
-            spread = f" ({_fmt(min(r['ppl'] for r in results))}–{_fmt(max(r['ppl'] for r in results))})"
-        ms = statistics.median(r["ms_per_token_median"] for r in results)
-        peak = max(r["cache_mib_peak"] for r in results)
-        lines.append(f"| {lab} | {len(results)} | {_fmt(ppl)}{spread} | {_fmt(last)} | {peak:.3f} | {ms:.2f} | "
-                     f"{sum(r['tokens'] for r in results)} |")
-    if any(len(r) > 1 for r in rows.values()):
-        lines += ["", "With several documents: PPL over all their tokens, (the documents' lowest–highest)."]
-    plots = _plot_stream(label, k["trained_length"], {lab: _stream_buckets(res) for lab, res in rows.items()}, out_dir)
-    return lines + [""] + [f"![{p.stem}](report/{p.name})" for p in plots] + [""]
-
-
-def _stream_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
-    """One line: PPL per config label, and sinks over sliding where both ran without a method."""
-    import math
-
-    rows = _stream_rows(recs)
-    ppl = {lab: math.exp(_mean_nll([(r["nll"], r["tokens"]) for r in res])) for lab, res in rows.items()}
-    kinds = {r["key"]["label"]: (r["key"]["config"], r["key"]["method"]) for r in recs}
-    line = f"- **{label}**, streaming PPL: " + "; ".join(f"{lab} {_fmt(v)}" for lab, v in ppl.items())
-    sinks = [lab for lab, kind in kinds.items() if kind == ("sinks", "none")]
-    sliding = [lab for lab, kind in kinds.items() if kind == ("sliding", "none")]
-    every = {r["key"]["label"]: r["key"].get("recompute_every", 1) for r in recs}
-    if len(sinks) == 1 and len(sliding) == 1 and every[sliding[0]] == 1:
-        line += f"; sinks / sliding {ppl[sinks[0]] / ppl[sliding[0]]:.2f}x"
-    elif len(sliding) == 1:
-        line += f" (sliding measured on every {every[sliding[0]]}-th prediction only: no ratio to the others)"
-    return [line + "."]
-
-
 COMMON_FIELDS = (("key", "task"), ("key", "model", "name"), ("key", "model", "fingerprint"), ("key", "method"),
                  ("key", "trained_length"))
 TASK_FIELDS = {
@@ -290,10 +414,14 @@ TASK_FIELDS = {
                ("result", "buckets")),
 }
 BUCKET_FIELDS = {"ppl": ("start", "end", "ppl"), "stream": ("end", "nll", "tokens", "cache_bytes")}
+DOCUMENT_FIELDS = {"ppl": ("nll_sum", "tokens", "nll_sum_past", "tokens_past", "nll_sum_within", "tokens_within", "bucket_nll_sums")}
+OUTCOME_FIELDS = ("correct", "digits")
 
 
 def report_problem(record: dict[str, Any]) -> str | None:
-    """Why the report cannot use ``record`` (a field it reads is missing), or None."""
+    """Why the report cannot use ``record`` (a field it reads is missing), or None. Per-window values
+    ("documents") and per-trial outcomes are optional (older records have none), but when present
+    must be complete."""
     task = record["key"].get("task")
     for path in COMMON_FIELDS + TASK_FIELDS.get(task, ()):
         value: Any = record
@@ -301,10 +429,22 @@ def report_problem(record: dict[str, Any]) -> str | None:
             if not isinstance(value, dict) or part not in value:
                 return f"no {'.'.join(path)}"
             value = value[part]
-    buckets = record["result"].get("buckets", [])
+    result = record["result"]
+    buckets = result.get("buckets", [])
     needed = BUCKET_FIELDS.get(task, ())
     if not isinstance(buckets, list) or not all(isinstance(b, dict) and all(f in b for f in needed) for b in buckets):
         return f"result.buckets is not a list of objects with {', '.join(needed)}"
+    fields = DOCUMENT_FIELDS.get(task, ())
+    if "documents" in result:
+        docs = result["documents"]
+        if not isinstance(docs, list) or not all(isinstance(d, dict) and all(f in d for f in fields) for d in docs):
+            return f"result.documents is not a list of objects with {', '.join(fields)}"
+        if any(len(d["bucket_nll_sums"]) != len(buckets) for d in docs):
+            return "result.documents' bucket_nll_sums do not match result.buckets"
+    if task == "passkey" and "outcomes" in result:
+        outcomes = result["outcomes"]
+        if not isinstance(outcomes, list) or not all(isinstance(o, dict) and all(f in o for f in OUTCOME_FIELDS) for o in outcomes):
+            return f"result.outcomes is not a list of objects with {', '.join(OUTCOME_FIELDS)}"
     return None
 
 
@@ -328,12 +468,12 @@ def write_report(run_dir: str | Path, repair: bool = False) -> Path:
                   f"rope-ext {e.get('rope_ext')}, {e.get('device')}, {e.get('threads')} thread(s) of {e.get('cpu_count')} cores.", ""]
     if (run / CONFIG).is_file():
         lines += [f"The exact configuration of every invocation: `{CONFIG}`.", ""]
-    lines += [f"> {NOTE}", ""]
+    lines += [f"> {NOTE}", ">", f"> {SPREAD}", ""]
     ppl_groups = {_ppl_label(recs, names): recs for recs in _group(records, "ppl", PPL_GROUP).values()}
     pk_groups = {_passkey_label(recs, names): recs for recs in _group(records, "passkey", PASSKEY_GROUP).values()}
+    stream_groups = {_stream_label(recs, names): recs for recs in _group(records, "stream", STREAM_GROUP).values()}
     summary = [line for label, recs in ppl_groups.items() for line in _ppl_summary(label, recs)]
     summary += [line for label, recs in pk_groups.items() for line in _passkey_summary(label, recs)]
-    stream_groups = {_stream_label(recs, names): recs for recs in _group(records, "stream", STREAM_GROUP).values()}
     summary += [line for label, recs in stream_groups.items() for line in _stream_summary(label, recs)]
     if summary:
         lines += ["## Summary", ""] + summary + [""]
@@ -351,14 +491,36 @@ def write_report(run_dir: str | Path, repair: bool = False) -> Path:
     return path
 
 
+def _interval_columns(rec: dict[str, Any], baselines: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
+    """The CSV's interval columns of a PPL record (empty where there is none, and why)."""
+    res, k = rec["result"], rec["key"]
+    docs = documents(res)
+    row: dict[str, Any] = {"n": len(docs) if docs else None}
+    for part in ("", "_past"):
+        iv = ppl_interval(res, part)
+        row[f"ppl{part}_low"], row[f"ppl{part}_high"] = (iv.low, iv.high) if iv else (None, None)
+    ref = baselines.get((k["model"]["fingerprint"], k.get("sample"), k["length"]))
+    if ref is not None and res.get("ppl_past") is not None and ref["result"].get("ppl_past"):
+        row["past_vs_baseline"] = res["ppl_past"] / ref["result"]["ppl_past"]
+        iv = None if ref is rec else ratio_interval(rec, ref)
+        row["past_vs_baseline_low"], row["past_vs_baseline_high"] = (iv.low, iv.high) if iv else (None, None)
+    row["interval_note"] = "" if docs and len(docs) > 1 else _no_interval(res)
+    return row
+
+
 def _write_csv(records: list[dict[str, Any]], out_dir: Path) -> None:
     ppl_cols = ["model", "fingerprint", "mode", "n_docs", "seed", "method", "params", "length", "trained_length",
-                "ppl", "ppl_past", "ppl_within", "tokens", "tokens_past", "seconds"]
+                "ppl", "ppl_low", "ppl_high", "ppl_past", "ppl_past_low", "ppl_past_high", "past_vs_baseline",
+                "past_vs_baseline_low", "past_vs_baseline_high", "n", "interval_note", "ppl_within", "tokens", "tokens_past",
+                "seconds"]
     pk_cols = ["model", "fingerprint", "format", "n_keys", "seed", "method", "params", "length", "trained_length",
-               "depth", "trials", "exact", "digit_acc", "seconds"]
+               "depth", "trials", "successes", "exact", "exact_low", "exact_high", "digit_acc", "digit_acc_low",
+               "digit_acc_high", "seconds"]
     stream_cols = ["model", "fingerprint", "config", "label", "method", "params", "sinks", "cache_window", "recompute_every",
                    "document", "positions", "tokens", "trained_length", "ppl", "ppl_last_bucket", "cache_mib_peak", "ms_per_token_median",
                    "measured", "seconds"]
+    baselines = {(r["key"]["model"]["fingerprint"], r["key"].get("sample"), r["key"]["length"]): r for r in records
+                 if r["key"].get("task") == "ppl" and r["key"]["method"] == SLIDING}
     for task, cols in (("ppl", ppl_cols), ("passkey", pk_cols), ("stream", stream_cols)):
         with open(out_dir / f"{task}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=cols)
@@ -369,112 +531,10 @@ def _write_csv(records: list[dict[str, Any]], out_dir: Path) -> None:
                     continue
                 row = {**k, **r["result"], "model": k["model"]["name"], "fingerprint": k["model"]["fingerprint"],
                        "params": json.dumps(k["params"], sort_keys=True), "seconds": r.get("meta", {}).get("seconds")}
+                if task == "ppl":
+                    row.update(_interval_columns(r, baselines))
+                elif task == "passkey":
+                    iv, dv = exact_interval([r["result"]]), digit_interval([r["result"]])
+                    row.update(successes=successes(r["result"]), exact_low=iv.low, exact_high=iv.high,
+                               digit_acc_low=dv.low if dv else None, digit_acc_high=dv.high if dv else None)
                 writer.writerow({c: row.get(c) for c in cols})
-
-
-def _finish(fig, ax, path: Path) -> Path:
-    """Plain numbers on log axes, legend, grid, tight layout; save the PNG."""
-    plain = _plain_formatter()
-    if ax.get_yscale() == "log":
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
-
-
-def _plot_ppl(label, trained, methods, lengths, cells, out_dir: Path) -> list[Path]:
-    # a bare Figure, not pyplot: the caller's backend (a notebook's) is left alone
-    from matplotlib.figure import Figure
-
-    paths = []
-    fig = Figure(figsize=(8.5, 4.5))
-    ax = fig.subplots()
-    for m in methods:
-        pts = [(L, cells[(m, L)].get("ppl_past") or cells[(m, L)]["ppl"]) for L in lengths if (m, L) in cells]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m == SLIDING else "-")
-    ax.axvline(trained, color="grey", linestyle=":", label=f"trained length ({trained})")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [f"{L}\n{L / trained:g}x" for L in lengths])
-    ax.set_yscale("log")
-    ax.set_xlabel("evaluation length (tokens, multiple of the trained length)")
-    ax.set_ylabel("PPL past the trained length (whole window at <= trained)")
-    ax.set_title(f"Perplexity vs length\n{label}", fontsize=10)
-    paths.append(_finish(fig, ax, out_dir / f"ppl_vs_length_{_slug(label)}.png"))
-    longest = max(L for (_, L) in cells)
-    fig = Figure(figsize=(8.5, 4.5))
-    ax = fig.subplots()
-    for m in methods:
-        res = cells.get((m, longest))
-        if res:
-            xs = [(b["start"] + b["end"] - 1) / 2 for b in res["buckets"]]
-            ax.plot(xs, [b["ppl"] for b in res["buckets"]], marker=".", label=m, linestyle="--" if m == SLIDING else "-")
-    if trained < longest:
-        ax.axvline(trained, color="grey", linestyle=":", label=f"trained length ({trained})")
-    ax.set_yscale("log")
-    ax.set_xlabel("position in the window (tokens)")
-    ax.set_ylabel("PPL of the predictions in the bucket")
-    ax.set_title(f"Perplexity by position at {longest} tokens\n{label}", fontsize=10)
-    paths.append(_finish(fig, ax, out_dir / f"ppl_by_position_{_slug(label)}_{longest}.png"))
-    return paths
-
-
-def _plot_passkey(label, methods, lengths, depths, trained, grid, out_dir: Path) -> Path:
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    n = len(methods)
-    fig = Figure(figsize=(2.6 * n + 1.2, 3.4))
-    axes = fig.subplots(1, n, squeeze=False)
-    image = None
-    for ax, m in zip(axes[0], methods):
-        data = np.array([[grid.get((m, L, d), np.nan) for L in lengths] for d in depths], dtype=float)
-        image = ax.imshow(100 * data, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
-        ax.set_xticks(range(len(lengths)), [f"{L}\n{L / trained:g}x" for L in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
-        ax.set_xlabel("length (tokens)")
-        ax.set_title(m, fontsize=9)
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                if not np.isnan(data[i, j]):
-                    ax.text(j, i, f"{100 * data[i, j]:.0f}", ha="center", va="center", fontsize=7)
-    axes[0][0].set_ylabel("key depth (0 = start)")
-    fig.colorbar(image, ax=axes[0].tolist(), label="exact match (%)")
-    fig.suptitle(f"Passkey retrieval — {label}")
-    path = out_dir / f"passkey_{_slug(label)}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
-
-
-def _plot_stream(label: str, trained: int, series: dict[str, list[tuple[int, float, float]]], out_dir: Path) -> list[Path]:
-    """log PPL per bucket vs tokens streamed, and cache MiB vs tokens streamed, one line per config."""
-    from matplotlib.figure import Figure
-
-    paths = []
-    for field, ylabel, title, name in ((1, "log PPL of the bucket (mean NLL, nats)", "Streaming log-perplexity", "stream_ppl"),
-                                        (2, "KV cache at the bucket's end (MiB)", "KV cache memory", "stream_cache")):
-        log_x = field == 1
-        fig = Figure(figsize=(8.5, 4.5))
-        ax = fig.subplots()
-        for lab, pts in series.items():
-            ax.plot([p[0] for p in pts], [p[field] for p in pts], marker=".",
-                    linestyle="--" if lab.startswith("sliding") else "-", label=lab)
-        ax.axvline(trained, color="grey", linestyle=":", label=f"trained length ({trained})")
-        if log_x:
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(_plain_formatter())
-        ax.set_xlabel("tokens streamed (end of the bucket" + (", log scale)" if log_x else ")"))
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{title} vs tokens streamed\n{label}", fontsize=10)
-        paths.append(_finish(fig, ax, out_dir / f"{name}_{_slug(label)}.png"))
-    return paths
-
-
-def _plain_formatter():
-    from matplotlib.ticker import FuncFormatter
-
-    return FuncFormatter(lambda v, _: f"{v:g}")

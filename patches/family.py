@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
@@ -32,10 +31,6 @@ class Family:
 
     def layer_type_of(self, attention: nn.Module) -> str | None:
         return None
-
-    def rope_parameters(self, config: Any, layer_type: str | None) -> dict[str, Any]:
-        params = config.rope_parameters
-        return params[layer_type] if layer_type is not None else params
 
     def buffer_prefix(self, layer_type: str | None) -> str:
         return "" if layer_type is None else f"{layer_type}_"

@@ -4,6 +4,9 @@ Everything that needs them -- the patch, eval, the calculator, LongLoRA, ``rope-
 them here, so they agree:
   * ``trained_length(config)``: ``rope_parameters["original_max_position_embeddings"]`` when present,
     else ``max_position_embeddings`` (of the full-attention table where layer types differ);
+  * a config that rope_ext patched (or saved patched) is read as it was before the patch: its
+    ``rope_ext`` block keeps the original rope_parameters, max_position_embeddings and the trained
+    length the method bound to (``original_rope_parameters``);
   * ``model_specs(model)``: a ``RopeSpec`` per rotary table of a loaded model (one, or one per layer
     type), its rotary dim read from the rotary module's own frequencies;
   * ``config_facts(config)``: the same for a config alone, on a module tree built on the meta device;
@@ -31,9 +34,26 @@ def rope_tables(rope_parameters: dict[str, Any]) -> dict[str | None, dict[str, A
     return {None: rope_parameters}
 
 
+def _block(config: Any) -> dict[str, Any]:
+    block = getattr(config, "rope_ext", None)
+    return block if isinstance(block, dict) else {}
+
+
+def original_rope_parameters(config: Any) -> dict[str, Any]:
+    """``config.rope_parameters`` as they were before a rope_ext patch (the patch writes the method's)."""
+    original = _block(config).get("original_rope_parameters")
+    return original if isinstance(original, dict) else getattr(config, "rope_parameters", None) or {}
+
+
+def original_max_position_embeddings(config: Any) -> int | None:
+    """``config.max_position_embeddings`` as it was before a rope_ext patch set the target length."""
+    value = _block(config).get("original_max_position_embeddings")
+    return value if isinstance(value, int) else getattr(config, "max_position_embeddings", None)
+
+
 def _table_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """The rope_parameters of one table (``layer_type``), or of the main one when there are several."""
-    tables = rope_tables(getattr(config, "rope_parameters", None) or {})
+    tables = rope_tables(original_rope_parameters(config))
     if None in tables:
         return tables[None]
     if layer_type is None:
@@ -43,8 +63,10 @@ def _table_parameters(config: Any, layer_type: str | None = None) -> dict[str, A
 
 def trained_length(config: Any, layer_type: str | None = None) -> int:
     """The context length a model was trained at (see the module docstring)."""
-    value = _table_parameters(config, layer_type).get("original_max_position_embeddings")
-    value = value or getattr(config, "max_position_embeddings", None)
+    bound = _block(config).get("params", {})
+    value = bound.get("original_max_position_embeddings") if isinstance(bound, dict) else None
+    value = value or _table_parameters(config, layer_type).get("original_max_position_embeddings")
+    value = value or original_max_position_embeddings(config)
     if not value:
         raise ValueError(
             "the model's trained length is unknown: config has neither max_position_embeddings nor "
@@ -79,7 +101,7 @@ def model_specs(model: nn.Module, family: Any = None, trained: int | None = None
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     specs = {}
     for layer_type in family.layer_types(rotary):
-        params = family.rope_parameters(config, layer_type)
+        params = _table_parameters(config, layer_type)
         inv_freq = getattr(rotary, f"{family.buffer_prefix(layer_type)}original_inv_freq")
         specs[layer_type] = RopeSpec(
             rope_theta=float(params["rope_theta"]), rotary_dim=2 * inv_freq.numel(),
@@ -104,11 +126,11 @@ def config_facts(config: Any) -> dict[str, Any]:
     ``original_rope_parameters`` and trained length kept in its ``rope_ext`` block."""
     from rope_ext.patches import family_for
 
-    block = getattr(config, "rope_ext", None) or {}
     base_config = copy.deepcopy(config)
-    if block.get("original_rope_parameters") is not None:
-        base_config.rope_parameters = copy.deepcopy(block["original_rope_parameters"])
+    if _block(config):
+        base_config.rope_parameters = copy.deepcopy(original_rope_parameters(config))
+        base_config.max_position_embeddings = original_max_position_embeddings(config)
     model = meta_model(base_config)
     family = family_for(model)
-    specs = model_specs(model, family, block.get("params", {}).get("original_max_position_embeddings"))
+    specs = model_specs(model, family)
     return {"family": family, "specs": specs, "attn_implementation": model.config._attn_implementation}

@@ -179,6 +179,8 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
         block = _rope_ext_block(config, source) if apply_rope_ext else None
         if block is not None and block.get("original_rope_parameters") is not None:
             config.rope_parameters = block["original_rope_parameters"]
+        if block is not None and block.get("original_max_position_embeddings") is not None:
+            config.max_position_embeddings = block["original_max_position_embeddings"]
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=dtype, attn_implementation=attn_implementation, **offline, **safetensors_only, **kwargs
         )
@@ -223,7 +225,11 @@ def _rope_ext_block(config: Any, source: str) -> dict[str, Any] | None:
         raise ValueError(f"{where}: params must be an object of parameter names to values, got {params!r}")
     if original is not None and not isinstance(original, dict):
         raise ValueError(f"{where}: original_rope_parameters must be an object, got {original!r}")
-    return {"method": block["method"], "params": params, "original_rope_parameters": original}
+    length = block.get("original_max_position_embeddings")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise ValueError(f"{where}: original_max_position_embeddings must be a positive integer, got {length!r}")
+    return {"method": block["method"], "params": params, "original_rope_parameters": original,
+            "original_max_position_embeddings": length}
 
 
 def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> nn.Module:

@@ -223,9 +223,14 @@ NOT_NATIVE = "{method} is not applied by a plain transformers load; load with ro
 def _write_config(rec: Recorder, model: nn.Module, family, method: Method, specs) -> None:
     """Record the method in the config so a saved checkpoint reproduces it: transformers' own
     rope_parameters where it has the same formula, and always a ``rope_ext`` block. Otherwise the
-    rope_parameters get a ``rope_ext`` key, which makes a plain transformers load warn."""
+    rope_parameters get a ``rope_ext`` key, which makes a plain transformers load warn. A method made
+    for a target length sets ``max_position_embeddings`` to it (transformers' generation limit, and
+    what lm-eval and serving engines read as the model's length); the block keeps the original."""
     config = model.config
     original = copy.deepcopy(config.rope_parameters)
+    original_length = config.max_position_embeddings
+    if method.context_length is not None and method.context_length != original_length:
+        rec.setattr(config, "max_position_embeddings", method.context_length)
     native = {lt: method.transformers_equivalent(spec) for lt, spec in specs.items()}
     layered = list(native) != [None]
     keep = ("partial_rotary_factor",)
@@ -244,7 +249,8 @@ def _write_config(rec: Recorder, model: nn.Module, family, method: Method, specs
     if not _accepted(config, parameters):
         parameters = rewritten(dict.fromkeys(native))
     rec.setattr(config, "rope_parameters", parameters)
-    block = {"method": method.name, "params": _jsonable(method.params()), "original_rope_parameters": original}
+    block = {"method": method.name, "params": _jsonable(method.params()), "original_rope_parameters": original,
+             "original_max_position_embeddings": original_length}
     rec.setattr(config, "rope_ext", block)
 
 
@@ -252,12 +258,18 @@ def _accepted(config: Any, rope_parameters: dict) -> bool:
     """Whether the family's config class accepts these rope_parameters (Phi-3's accepts only its own
     default / longrope types): if not, the method is saved as rope_ext's only, never as a config
     that transformers refuses to save or load."""
+    from transformers.utils import logging as hf_logging
+
     trial = copy.deepcopy(config)
     trial.rope_parameters = rope_parameters
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warning about the rope_ext marker is for a plain load, not this trial
     try:
         trial.validate_rope()
     except (ValueError, KeyError, TypeError):
         return False
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return True
 
 

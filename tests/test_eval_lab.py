@@ -97,7 +97,7 @@ def test_cli_pretrain_eval_report_resume(tmp_path, text_corpus, capsys):
     assert "--overwrite" in capsys.readouterr().err
     run = tmp_path / "run"
     ev = ["eval", "ppl", "--model", str(out), "--run-dir", str(run), "--lengths", "1x,2x", "--methods", "none,yarn,rerope",
-          "--method-params", "rerope.window=4", "--corpus", text_corpus, "--threads", "1"]
+          "--method-params", "rerope.window=4", "--corpus", text_corpus, "--threads", "1", "--docs", "1"]
     assert cli.main(ev) == 0
     lines = (run / "results.jsonl").read_text().splitlines()
     assert len(lines) == 8

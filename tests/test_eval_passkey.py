@@ -62,6 +62,9 @@ def test_score():
     assert s["exact"] == pytest.approx(1 / 3)
     assert s["digit_acc"] == pytest.approx((5 + 4 + 0) / 15)
     assert s["predictions"] == ["12345", "1234", ""]
+    assert s["outcomes"] == [{"depth": None, "trial": 0, "correct": True, "digits": 5},
+                             {"depth": None, "trial": 1, "correct": False, "digits": 4},
+                             {"depth": None, "trial": 2, "correct": False, "digits": 0}]
 
 
 def test_passkey_grid_and_resume(tok, tmp_path, monkeypatch):
@@ -74,6 +77,12 @@ def test_passkey_grid_and_resume(tok, tmp_path, monkeypatch):
     assert all(len(r["result"]["keys"]) == 3 and 0 <= r["result"]["exact"] <= 1 for r in recs)
     keys = {(r["key"]["length"], r["key"]["depth"]): r["result"]["keys"] for r in recs if r["key"]["method"] == "none"}
     assert all(r["result"]["keys"] == keys[(r["key"]["length"], r["key"]["depth"])] for r in recs)
+    for r in recs:  # per-trial outcomes: the cell's depth, trials 0..2, agreeing with keys, predictions and the rates
+        res = r["result"]
+        assert [(o["depth"], o["trial"]) for o in res["outcomes"]] == [(r["key"]["depth"], t) for t in range(3)]
+        assert [o["correct"] for o in res["outcomes"]] == [p == k for p, k in zip(res["predictions"], res["keys"])]
+        assert sum(o["correct"] for o in res["outcomes"]) == round(3 * res["exact"])
+        assert sum(o["digits"] for o in res["outcomes"]) == round(15 * res["digit_acc"])
 
     def fail(*a, **k):
         raise AssertionError("recomputed a stored cell")
@@ -99,6 +108,7 @@ def test_oracle_generation_scores_perfectly(tok, filler, monkeypatch):
     monkeypatch.setattr(pk, "generate_answers", oracle)
     recs = pk.passkey(model, tok, ["3x"], ["none"], [0.5], trials=4, progress=False)
     assert seen["n"] == 4 and recs[0]["result"]["exact"] == 1.0 and recs[0]["result"]["digit_acc"] == 1.0
+    assert recs[0]["result"]["outcomes"] == [{"depth": 0.5, "trial": t, "correct": True, "digits": 5} for t in range(4)]
 
 
 def test_bad_passkey_input(tok):

@@ -148,3 +148,31 @@ def test_trained_length_prefers_original_max_position_embeddings(model):
     cfg = type(model.config)(max_position_embeddings=4096, rope_parameters={
         "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 1024})
     assert trained_length(cfg) == 1024
+
+
+def test_records_keep_per_window_sums_that_add_up_to_the_aggregates(model):
+    docs = [ids(4 * T, seed=s) for s in range(3)]
+    recs = perplexity(model, docs, ["2x", "4x"], ["none", "yarn"], n_docs=3, buckets=5, progress=False)
+    for rec in recs:
+        res, L = rec["result"], rec["key"]["length"]
+        windows = res["documents"]
+        assert [d["window"] for d in windows] == [0, 1, 2]
+        assert sum(d["tokens"] for d in windows) == res["tokens"] == 3 * (L - 1)
+        assert sum(d["tokens_past"] for d in windows) == res["tokens_past"] == 3 * (L - 1 - T)
+        for part in ("", "_past", "_within"):
+            pooled = math.exp(math.fsum(d["nll_sum" + part] for d in windows) / sum(d["tokens" + part] for d in windows))
+            assert pooled == res["ppl" + part]
+        for j, b in enumerate(res["buckets"]):
+            sums = [d["bucket_nll_sums"][j] for d in windows]
+            assert math.exp(math.fsum(sums) / (3 * (b["end"] - b["start"]))) == b["ppl"]
+        for d in windows:
+            assert math.isclose(d["nll_sum_past"] + d["nll_sum_within"], d["nll_sum"], rel_tol=1e-12)
+            assert math.isclose(math.fsum(d["bucket_nll_sums"]), d["nll_sum"], rel_tol=1e-12)
+    by = {(r["key"]["method"], r["key"]["length"]): r["result"] for r in recs}
+    for i, doc in enumerate(docs):  # each window's sums against a plain forward of that document
+        ref = reference_nll(model, doc).double()
+        got = by[("none", 4 * T)]["documents"][i]
+        assert math.isclose(got["nll_sum"], float(ref.sum()), rel_tol=1e-5)
+        assert math.isclose(got["nll_sum_past"], float(ref[T:].sum()), rel_tol=1e-5)
+        slid = sliding_nll(model, doc, T, T // 2).double()
+        assert math.isclose(by[("sliding_window", 4 * T)]["documents"][i]["nll_sum_past"], float(slid[T:].sum()), rel_tol=1e-5)

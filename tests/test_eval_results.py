@@ -174,3 +174,31 @@ def test_thread_choice(monkeypatch):
     monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.0, 0.0))
     monkeypatch.setattr("os.cpu_count", lambda: 6)
     assert choose_threads() == 6
+
+
+def test_old_records_without_per_window_values_are_kept_and_reported(model, tmp_path, monkeypatch):
+    """A run directory written before records kept per-window values: resuming appends new-format
+    cells after the old lines (left byte for byte), and the report marks only the old cells."""
+    from rope_ext.eval.report import MARK, NO_DOCS, write_report
+
+    docs = [torch.randint(3, 259, (3 * T,), generator=torch.Generator().manual_seed(s)) for s in (7, 8)]
+    grid = dict(GRID, lengths=["2x"], n_docs=2)
+    ppl.perplexity(model, docs, run_dir=tmp_path, **grid)
+    path = tmp_path / RESULTS
+    old = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        del record["result"]["documents"]
+        old.append(json.dumps(record))
+    path.write_text("\n".join(old) + "\n")
+    before = path.read_bytes()
+    counting = Counting(ppl.compute_cell)
+    monkeypatch.setattr(ppl, "compute_cell", counting)
+    ppl.perplexity(model, docs, run_dir=tmp_path, **{**grid, "lengths": ["2x", "3x"]})
+    assert counting.calls == 4 and path.read_bytes().startswith(before)
+    report = write_report(tmp_path).read_text()
+    table = report.split("**PPL of the tokens past the trained length**")[1].split("\n\n")[1]
+    rerope = next(line for line in table.splitlines() if line.startswith("| rerope |"))
+    cells = [c.strip() for c in rerope.split("|")[2:4]]
+    assert cells[0].endswith(MARK) and "(" in cells[1] and MARK not in cells[1]
+    assert f"{MARK} {NO_DOCS}." in report

@@ -139,10 +139,13 @@ def test_report_has_the_table_and_both_plots(model, ids, tmp_path):
     assert "## Streaming perplexity" in report
     dense = [r["result"] for r in recs if r["key"]["config"] == "dense"]
     pooled = torch.tensor(sum(r["nll"] * r["tokens"] for r in dense) / sum(r["tokens"] for r in dense)).exp()
-    assert f"| dense | 2 | {float(pooled):.2f} (" in report
+    row = report.split(f"| dense | 2 | {float(pooled):.2f} (")[1]
+    low, high = (float(x) for x in row.split(")")[0].split("–"))
+    each = sorted(r["ppl"] for r in dense)  # a bootstrap over 2 documents spans from one document's PPL to the other's
+    assert (low, high) == (pytest.approx(each[0], abs=0.006), pytest.approx(each[1], abs=0.006))
     assert "| sinks (S=2, W=6) | 2 |" in report and "| sliding (S+W=8) | 2 |" in report
     assert list((tmp_path / "report").glob("stream_ppl_*.png")) and list((tmp_path / "report").glob("stream_cache_*.png"))
-    assert "sinks / sliding" in report
+    assert "sinks / sliding" in report and "paired by document, n=2" in report
 
 
 def test_cli_stream_runs_from_the_corpus_and_resumes(tmp_path, capsys):

@@ -23,15 +23,16 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def tiny_checkpoint(path: Path, model_type: str = "llama", seed: int = 0) -> Path:
-    """Save a 2-layer random model (trained length 32, tied embeddings) and the byte tokenizer."""
+def tiny_checkpoint(path: Path, model_type: str = "llama", seed: int = 0, tie: bool = True) -> Path:
+    """Save a 2-layer random model (trained length 32, tied embeddings unless ``tie`` is off) and the
+    byte tokenizer."""
     import transformers
 
     tokenizer = byte_tokenizer()
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
     config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TRAINED,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)

@@ -70,6 +70,12 @@ def test_the_report_names_a_record_it_cannot_read(tmp_path):
     assert report_problem(good) is None
     assert report_problem(ppl_record(buckets=[])) == "no result.ppl"
     assert "result.buckets" in report_problem(ppl_record(ppl=3.0, buckets=[{"end": 3}]))
+    docs = [{"nll_sum": 1.0, "tokens": 16, "nll_sum_past": 0.5, "tokens_past": 8, "nll_sum_within": 0.5, "tokens_within": 8,
+             "bucket_nll_sums": [1.0]}]
+    assert report_problem(ppl_record(ppl=3.0, buckets=good["result"]["buckets"], documents=docs)) is None
+    assert "result.documents is not a list of objects with nll_sum" in report_problem(
+        ppl_record(ppl=3.0, buckets=good["result"]["buckets"], documents=[{"nll_sum": 1.0}]))
+    assert "bucket_nll_sums do not match" in report_problem(ppl_record(ppl=3.0, buckets=[], documents=docs))
     write(tmp_path / RESULTS, [ppl_record(buckets=[])])
     assert main(["report", str(tmp_path)]) == 2
     assert not (tmp_path / "report.md").exists()

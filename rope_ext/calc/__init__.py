@@ -45,7 +45,7 @@ from .limits import (
     yarn_correction_dims,
 )
 from .model import analyze_model, attention_shape, config_rope_spec, model_rope_spec, rope_spec_of
-from .recommend import RECOMMENDED_METHODS, Recommendation, recommend
+from .recommend import RECOMMENDED_METHODS, Choice, Recommendation, choose, recommend
 
 __all__ = [
     "PUBLISHED_BOUNDS_D128",
@@ -54,6 +54,7 @@ __all__ = [
     "AttentionShape",
     "BaseBound",
     "BaseScan",
+    "Choice",
     "Recommendation",
     "analyze_model",
     "attention_flops",
@@ -66,6 +67,7 @@ __all__ = [
     "certified_base",
     "check_head_dim",
     "check_length",
+    "choose",
     "config_rope_spec",
     "critical_dimension",
     "decode_attention_flops",

@@ -3,6 +3,9 @@ defaults where the papers give them, and the choices that keep every position in
 range where a method is defined by a window. ``rope_ext.patch(model, rec.method, **rec.params)``
 accepts every recommendation as is. Pure numbers: ``rope_ext.calc.model`` reads a model's rotary
 dim, base and trained length.
+
+``choose`` picks one method for the user (``rope-ext recommend``) by a fixed rule, with the
+parameters from ``recommend`` and the runners-up; see its docstring for the rule and its evidence.
 """
 from __future__ import annotations
 
@@ -114,3 +117,108 @@ def _field_defaults(name: str) -> dict[str, Any]:
     skip = ("logn", "original_max_position_embeddings", "factor", "target_length", "base", "attention_factor")
     return {f.name: f.default for f in dataclasses.fields(cls)
             if f.name not in skip and f.default is not dataclasses.MISSING and f.default is not None}
+
+
+UNTUNED_LIMIT = 2.0  # factor past which frequency methods without fine-tuning degrade (YaRN sec. 4; SmolLM2 below)
+MEASURED_4X = ("SmolLM2-135M (trained 8192) at 4x = 32768 tokens, perplexity past 8192 tokens (n = 1 document, "
+               "_pydecimal.py; no spread): Leaky ReRoPE (window 4096, k 8) 4.64, Self-Extend about the same, the "
+               "sliding-window ideal 4.67, YaRN (transformers') 5.25")
+SERVING_ENGINES = {"yarn": "vLLM and llama.cpp (rope scaling type yarn)", "pi": "vLLM and llama.cpp (type linear)",
+                   "dynamic_ntk": "vLLM (type dynamic)"}
+REFERENCES = {
+    "none": "Su et al. 2021, RoFormer",
+    "finetune": "Peng et al. 2023, YaRN, sec. 4 (fine-tuned to 64k / 128k in 400-600 steps); Chen et al. 2024, LongLoRA",
+    "serving": "vLLM and llama.cpp rope-scaling support; Peng et al. 2023, YaRN",
+    "training_free": "Su 2023, Rectified Rotary Position Embeddings (Leaky ReRoPE); rope-ext's SmolLM2 measurement (one document; issue 13)",
+    "frequency_only": "Peng et al. 2023, YaRN, sec. 3.2-3.4",
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The method ``choose`` picked, its parameters (as ``rope_ext.patch`` takes them), why, the rule's
+    branch that decided it, the runners-up (each with why it came second) and caveats."""
+
+    method: str
+    params: dict[str, Any]
+    why: str
+    reference: str
+    branch: str
+    factor: float
+    runners_up: tuple[Recommendation, ...] = ()
+    caveats: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "params": dict(self.params), "why": self.why, "reference": self.reference,
+                "branch": self.branch, "factor": self.factor, "runners_up": [r.to_dict() for r in self.runners_up],
+                "caveats": list(self.caveats)}
+
+
+def choose(target_length: int, rotary_dim: int, rope_theta: float, trained_length: int, *, finetune: bool = False,
+           serving: bool = False, attention_methods: bool = True) -> Choice:
+    """One method to reach ``target_length`` on a model with trained length L0, by this rule (the
+    first branch that applies; s = target / L0; parameters: ``recommend``, i.e. each method's
+    ``defaults_for``):
+
+      1. s <= 1                                   -> ``none``: the target is inside the trained range.
+      2. ``finetune``                             -> ``yarn`` (runner-up ``pi``): the YaRN paper fine-tunes
+         it (Llama 2 to 64k in 400 steps; 10x fewer tokens than earlier methods), LongLoRA trains on
+         top of a frequency method, and the result runs in serving engines as is.
+      3. ``serving``                              -> ``yarn`` (runners-up ``dynamic_ntk``, ``pi``): what
+         vLLM and llama.cpp implement; past s = 2 a caveat (untuned frequency methods degrade).
+      4. attention-level methods run on the model -> ``leaky_rerope`` (runners-up ``self_extend``,
+         ``yarn``): training-free, every distance stays inside the trained range; measured best (see
+         ``MEASURED_4X``), at the cost of one extra rotation per cached key per layer and step.
+      5. otherwise (e.g. Falcon: frequency methods only) -> ``yarn`` (runner-up ``pi``), with the caveat.
+
+    ``attention_methods``: whether ``rope_ext.patch`` can apply attention-level and dynamic methods to
+    this model's family. Runners-up are only methods the model can run."""
+    for name, value in (("finetune", finetune), ("serving", serving), ("attention_methods", attention_methods)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    check_head_dim(rotary_dim, "rotary_dim")
+    check_base(rope_theta, "rope_theta")
+    s = check_length(target_length, "target_length") / check_length(trained_length, "trained_length")
+    if s <= 1:
+        return Choice("none", {}, f"the target ({target_length} tokens) is within the trained length ({trained_length}): "
+                      "the model needs no extension", REFERENCES["none"], "within", s)
+    recs = {r.method: r for r in recommend(target_length, rotary_dim, rope_theta, trained_length)}
+
+    def second(name: str, why: str) -> Recommendation:
+        return Recommendation(name, recs[name].params, why, recs[name].reference, recs[name].facts)
+
+    untuned = (f"YaRN without fine-tuning degrades past ~{UNTUNED_LIMIT:g}x: {MEASURED_4X}; fine-tune (--finetune), "
+               "or measure on your model with --tune",) if s > UNTUNED_LIMIT else ()
+    pi = second("pi", "linear interpolation: what Chen et al. 2023 and LongLoRA fine-tune with, and every engine runs "
+                "(type linear); the YaRN paper reports it needs more fine-tuning than YaRN for the same length")
+    if finetune:
+        return Choice("yarn", recs["yarn"].params,
+                      f"you will fine-tune: YaRN at factor {s:g} is the method the YaRN paper fine-tunes (Llama 2 to 64k and "
+                      "128k in 400 and 600 steps, 10x fewer tokens and 2.5x fewer steps than earlier methods, ahead of the "
+                      "PI and NTK models it compares with); `rope-ext finetune --method yarn` trains LongLoRA on top of it, "
+                      "and the fine-tuned model runs as is in "
+                      f"{SERVING_ENGINES['yarn']}. {recs['yarn'].note}", REFERENCES["finetune"], "finetune", s, (pi,))
+    if serving:
+        dynamic = (second("dynamic_ntk", "needs no factor and leaves the model unchanged up to the trained length, but "
+                          f"only {SERVING_ENGINES['dynamic_ntk']} has it, and it degrades untuned like YaRN"),) if attention_methods else ()
+        return Choice("yarn", recs["yarn"].params,
+                      f"it must run in a serving engine: {SERVING_ENGINES['yarn']} implement YaRN, and "
+                      "`rope_ext.save_pretrained` writes it as transformers' own yarn rope_parameters, which they read; "
+                      f"ReRoPE and Self-Extend are in neither. {recs['yarn'].note}", REFERENCES["serving"], "serving", s,
+                      (*dynamic, pi), untuned)
+    if attention_methods:
+        return Choice("leaky_rerope", recs["leaky_rerope"].params,
+                      "training-free and in rope-ext: Leaky ReRoPE keeps ordinary RoPE inside the window and maps every "
+                      f"farther distance back inside the trained length, so the model never sees an unseen position; "
+                      f"{MEASURED_4X}. Cost: one extra rotation per cached key per layer and step (keys are cached "
+                      f"unrotated). {recs['leaky_rerope'].note}", REFERENCES["training_free"], "training_free", s,
+                      (second("self_extend", "measured about the same as Leaky ReRoPE at 4x (Jin et al. 2024: no tuning); "
+                              "floor-grouped far positions, same cost"),
+                       second("yarn", f"zero overhead and runs in {SERVING_ENGINES['yarn']}, but without fine-tuning it "
+                              f"degrades past ~{UNTUNED_LIMIT:g}x (5.25 against 4.64 at 4x on SmolLM2)")))
+    return Choice("yarn", recs["yarn"].params,
+                  "attention-level methods do not run on this model in rope-ext (its family's attention does not go "
+                  "through transformers' AttentionInterface, or rope_ext.patch does not support the family), so a "
+                  "frequency method it is: YaRN keeps the high frequencies, interpolates the low ones and corrects the "
+                  f"attention temperature (Peng et al. 2023, sec. 3.2-3.4), and serving engines run it. {recs['yarn'].note}",
+                  REFERENCES["frequency_only"], "frequency_only", s, (pi,), untuned)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import textwrap
 from pathlib import Path
@@ -25,6 +26,7 @@ from rope_ext.lengths import parse_lengths
 from rope_ext.validate import COUNT, flag, integer
 
 DEFAULT_LENGTHS = "1k,2k,4k,8k,16k,32k,64k,128k"
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
@@ -183,13 +185,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--plot must name a .png file, got {args.plot!r}")
         if args.plot and not Path(args.plot).resolve().parent.is_dir():
             raise FileNotFoundError(f"--plot directory does not exist: {str(Path(args.plot).parent)!r}")
-        bounds = calc.base_lower_bounds(lengths, head_dim, per_decade=args.per_decade, progress=not args.json)
+        logger.debug("lengths in tokens: %s", ", ".join(map(str, lengths)))
+        bounds = calc.base_lower_bounds(lengths, head_dim, per_decade=args.per_decade,
+                                        progress=not args.json and logger.isEnabledFor(logging.INFO))
         records = [b.to_dict() for b in bounds]
         if args.plot:
             from rope_ext.calc.plot import plot_base_bounds
 
             plot_base_bounds(bounds, args.plot)
-        print(json.dumps(records, indent=2) if args.json else render_bounds(records) + (f"\nplot: {args.plot}" if args.plot else ""))
+            logger.info("plot written to %s", args.plot)
+        print(json.dumps(records, indent=2) if args.json else render_bounds(records))
         return 0
     dtype = parse_dtype(args.dtype)
     if isinstance(args.batch_size, bool) or args.batch_size < 1:
@@ -205,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     config = load_config(args.model)
     lengths = parse_lengths(args.lengths, known_trained_length(config))
+    logger.debug("lengths in tokens: %s", ", ".join(map(str, lengths)))
     shape = calc.attention_shape(config)
     rows = [calc.budget(shape, n, args.batch_size, dtype) for n in lengths]
     if args.json:

@@ -6,12 +6,14 @@ recomputes nothing. The report (RUN_DIR/report.md, CSV, PNG) is written at the e
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from rope_ext.validate import COUNT, NON_NEGATIVE, SEED, WORKERS
 
 DEFAULT_METHODS = "none,pi,ntk,yarn,rerope,leaky_rerope"
+logger = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,7 +50,7 @@ def add_parser(subparsers) -> None:
     _common(ppl)
     ppl.add_argument("--mode", choices=("truncate", "concat"), default="truncate",
                      help="truncate: documents cut to each length (YaRN); concat: windows of a joined stream (LongLoRA)")
-    ppl.add_argument("--docs", type=COUNT, default=1, help="windows (documents) per cell (default: 1)")
+    ppl.add_argument("--docs", type=COUNT, default=4, help="windows (documents) per cell; the report's intervals need >= 2 (default: 4)")
     ppl.add_argument("--doc-stride", type=COUNT, default=None, help="concat mode: tokens between window starts (default: the length)")
     ppl.add_argument("--no-sliding", action="store_true", help="leave out the sliding-window baseline")
     ppl.add_argument("--sliding-stride", type=COUNT, default=None, help="stride of the sliding-window baseline (default: trained length // 2)")
@@ -108,6 +110,7 @@ def _load(args: argparse.Namespace) -> tuple:
 
     name = model_source(args.model)
     threads = set_threads(args.threads)
+    logger.info("loading %s (%s, %d thread%s)", name, args.dtype, threads, "" if threads == 1 else "s")
     model, tokenizer = rope_ext.load(name, dtype=getattr(torch, args.dtype))
     record = {"command": ["rope-ext", *sys.argv[1:]], "threads": threads, "dtype": args.dtype}
     return name, model, tokenizer, record

@@ -7,6 +7,7 @@ with the example configs in recipes/accelerate/).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 import yaml
 
 from rope_ext.validate import WORKERS
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
@@ -80,4 +83,7 @@ def run(args: argparse.Namespace) -> int:
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         command, env = launch_command(recipe, args.num_processes, args.accelerate_config)
+        logger.info("handing the checked settings to accelerate launch (%d process%s)", args.num_processes,
+                    "" if args.num_processes == 1 else "es")
+        logger.debug("running %s", " ".join(command))
         return subprocess.call(command, env=env)

@@ -7,11 +7,14 @@ progress bar of tokens/s and KV-cache MiB (flat with ``--sinks`` / ``--cache-win
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Any
 
 from rope_ext.validate import COUNT, NON_NEGATIVE, SEED, WORKERS, flag, number
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
@@ -73,14 +76,15 @@ def run(args: argparse.Namespace) -> int:
         params.update(sinks=args.sinks, cache_window=args.cache_window)
     build_method(args.method, params)  # every parameter checked before the model is loaded
     set_threads(args.threads)
+    logger.info("loading %s", args.model)
     model, tok = rope_ext.load(args.model)
     if args.method != "none" or params:
-        rope_ext.patch(model, args.method, **params)
+        logger.info("patched: %s", rope_ext.patch(model, args.method, **params).describe())
     ids = tok(args.prompt, return_tensors="pt").input_ids
     key = cache_kwarg(model)
     generator = torch.Generator().manual_seed(args.seed)
     cache, step_input, text = None, ids, []
-    bar = tqdm(total=new_tokens, unit="tok", file=sys.stderr)
+    bar = tqdm(total=new_tokens, unit="tok", file=sys.stderr, disable=not logger.isEnabledFor(logging.INFO))
     start = time.perf_counter()
     with torch.no_grad():
         for _ in range(new_tokens):

@@ -12,8 +12,6 @@ import copy
 import json
 from typing import Any
 
-from rope_ext.facts import config_facts, main_spec
-
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("info", help="show a model's RoPE settings and which methods apply", description=__doc__,
@@ -51,6 +49,7 @@ def method_table(family: Any) -> list[dict[str, Any]]:
 
 def gather(model: str) -> dict[str, Any]:
     """Everything ``info`` prints, as plain data (the ``--json`` object)."""
+    from rope_ext.facts import config_facts, main_spec
     from rope_ext.models import load_config
 
     config = load_config(model)

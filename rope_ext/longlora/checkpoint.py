@@ -2,7 +2,8 @@
 else in JSON. ``--resume`` never unpickles anything.
 
 ``<output_dir>/checkpoints/step_<n>/`` holds
-    model.safetensors                    the trainable parameters (LoRA + embed / norm, or all of them)
+    model.safetensors                    the trainable parameters by name (LoRA + the embed / norm copies,
+                                         or all of them)
     optimizer.json + optimizer.safetensors  the optimizer's param_groups and step counters / its moments
     scheduler.json                       the learning-rate scheduler's state_dict
     training.json                        accelerate's micro-step counter and the gradient scaler's state
@@ -20,10 +21,10 @@ directory your own runs wrote (SECURITY.md).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import RESUMABLE, FinetuneConfig, safe_yaml
 
+logger = logging.getLogger(__name__)
+
 FORMAT = 1
 MARKER = "complete.json"
 RUN_CONFIG = "run_config.yaml"
@@ -42,6 +45,7 @@ WEIGHTS = "model.safetensors"
 OPTIMIZER, SCHEDULER, TRAINING = "optimizer", "scheduler", "training"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
 TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
+COPY = "modules_to_save.default"  # where peft keeps a trained copy of an embedding / norm
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:
@@ -181,7 +185,7 @@ def load_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any
     engine_name = engine(accelerator)
     check_loadable(path, engine_name, trusted)
     if engine_name is not None and accelerator.is_main_process:
-        print(engine_warning(path, engine_name), file=sys.stderr)
+        logger.warning(engine_warning(path, engine_name))
     sharded = engine_name is not None
     unwrapped = accelerator.unwrap_model(model)
     weights = None if sharded else _read_tensors(path / WEIGHTS)
@@ -211,9 +215,14 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_weights(path: Path, saved: dict[str, torch.Tensor], now: dict[str, torch.Tensor]) -> None:
-    if set(saved) != set(now):
+    """The saved trainable parameters are this run's, by name, shape and dtype."""
+    missing, unexpected = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))
+    if missing or unexpected:
+        older = {n.replace(f".{COPY}.", ".") for n in missing} & set(unexpected)
+        hint = (f"; it was written by a rope-ext that trained {sorted(older)[0]} in place, this one trains a peft copy "
+                "(modules_to_save): start a fresh run (another output_dir)") if older else ""
         raise ValueError(f"checkpoint {path} does not hold this run's trainable parameters "
-                         f"(missing: {sorted(set(now) - set(saved))[:5]}, unexpected: {sorted(set(saved) - set(now))[:5]})")
+                         f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}){hint}")
     for name, tensor in saved.items():
         if tensor.shape != now[name].shape or tensor.dtype != now[name].dtype:
             raise ValueError(f"checkpoint {path}: {name} is {tensor.dtype} {tuple(tensor.shape)}, this run's is "

@@ -43,7 +43,8 @@ BOUNDS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "eval_docs": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
 }
 # fields that may differ between a run and its --resume; every other one must match
-RESUMABLE = ("resume", "trust_engine_checkpoints", "stop_after", "save_every", "keep_checkpoints", "max_steps", "merge", "evaluate", "eval_corpus", "eval_docs")
+RESUMABLE = ("resume", "trust_engine_checkpoints", "stop_after", "save_every", "keep_checkpoints", "max_steps", "merge",
+             "save_adapter", "evaluate", "eval_corpus", "eval_docs")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class FinetuneConfig:
     shift: bool = True
     wrap: bool = False
     # what trains: LoRA on lora_targets ("auto": the linear layers of every attention module) plus
-    # every parameter whose name contains one of ``trainable``; lora=False trains everything
+    # copies (peft modules_to_save) of the modules owning a parameter whose name contains one of
+    # ``trainable``; lora=False trains everything
     lora: bool = True
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -95,6 +97,7 @@ class FinetuneConfig:
     trust_engine_checkpoints: bool = False
     stop_after: int | None = None
     merge: bool = True
+    save_adapter: bool = False
     # after merging: perplexity at the target length (rope_ext.eval.ppl) on eval_corpus's held-out split
     evaluate: bool = False
     eval_corpus: str = "stdlib"
@@ -111,7 +114,7 @@ class FinetuneConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("s2_attn", "shift", "wrap", "lora", "gradient_checkpointing", "resume", "trust_engine_checkpoints",
-                     "merge", "evaluate"):
+                     "merge", "save_adapter", "evaluate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.method_params, dict):
@@ -121,6 +124,9 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a list of non-empty names, got {list(getattr(self, name))!r}")
         if self.lora and not self.lora_targets:
             raise ValueError("lora_targets is empty; name the modules LoRA adapts, or 'auto'")
+        if self.save_adapter and not self.lora:
+            raise ValueError("save_adapter needs lora: a full fine-tune (lora false) has no adapter; its result is the merged "
+                             "model (merge)")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
@@ -136,7 +142,7 @@ def _check_str(config: FinetuneConfig, *names: str) -> None:
 HELP = {
     "model": "checkpoint directory, .gguf file or alias (smollm2) to fine-tune",
     "data": "text files, directories (files ending in data_extensions) or .jsonl files",
-    "output_dir": "where checkpoints, train_log.jsonl and the merged model (model/) go",
+    "output_dir": "where checkpoints, train_log.jsonl, the merged model (model/) and the adapter (adapter/) go",
     "target_length": "tokens per training sequence = the context to extend to (>= the trained length)",
     "method": "frequency method of rope_ext (pi, ntk, yarn, llama3, ...)",
     "attn_implementation": "the model's attention (sdpa, eager, flash_attention_2 ...)",
@@ -147,7 +153,7 @@ HELP = {
     "wrap": "the reference's roll: the first half-group of shifted heads attends to the last",
     "lora": "LoRA (else: full fine-tuning)",
     "lora_targets": "linear layers LoRA adapts ('auto': every attention projection)",
-    "trainable": "also train parameters whose names contain these (LongLoRA: embed norm)",
+    "trainable": "also train (peft modules_to_save) the modules whose parameter names contain these (LongLoRA: embed norm)",
     "lr_scheduler": ", ".join(SCHEDULERS),
     "batch_size": "sequences per process per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
@@ -162,6 +168,7 @@ HELP = {
                                 "(only for directories your own runs wrote; SECURITY.md)",
     "stop_after": "stop (with a checkpoint) after this many steps in this invocation; continue with --resume",
     "merge": "merge LoRA into the weights and save output_dir/model at the end",
+    "save_adapter": "save the peft adapter (LoRA + trained embed / norm copies) in output_dir/adapter at the end",
     "evaluate": "perplexity of the merged model at target_length (rope_ext.eval)",
     "eval_corpus": "held-out text for --evaluate: 'stdlib', a directory, .jsonl or text file",
     "eval_docs": "windows evaluated by --evaluate",

@@ -1,5 +1,6 @@
-"""The model side of a LongLoRA fine-tune: load, check, patch (method + S2-Attn), wrap in LoRA, and
-at the end merge the adapters back and save a checkpoint that ``rope_ext.load`` restores.
+"""The model side of a LongLoRA fine-tune: load, check, patch (method + S2-Attn), wrap in LoRA with
+trained copies of the embeddings and norms (peft ``modules_to_save``), and at the end save the peft
+adapter and / or merge it back into a checkpoint that ``rope_ext.load`` restores.
 
 LongLoRA's "LoRA+" (Chen et al. 2023, arXiv 2309.12307, sec. 3.3, Table 2): low-rank adapters on
 the attention projections alone do not adapt a model to a longer context; making the embeddings
@@ -7,6 +8,7 @@ and normalisation layers trainable as well closes the gap to full fine-tuning at
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from .config import FinetuneConfig
 from .s2attn import S2Attn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RECORD = "rope_ext.json"  # beside a saved adapter: the position method it was trained with
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -53,13 +56,43 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     return chosen
 
 
-def check_trainable(model: nn.Module, patterns: tuple[str, ...]) -> None:
-    """Every pattern of ``trainable`` must occur in some parameter name."""
+def trainable_modules(model: nn.Module, patterns: tuple[str, ...], lora_targets: list[str]) -> list[str]:
+    """Full names of the modules that own a parameter whose name contains one of ``patterns``
+    (LongLoRA: "embed", "norm"), in model order: peft trains copies of them (``modules_to_save``).
+    A pattern that occurs in no parameter name, a module LoRA also adapts, or a name that peft, which
+    matches ``modules_to_save`` by name suffix, would also find in another module is a ValueError."""
     names = [n for n, _ in model.named_parameters()]
     for pattern in patterns:
         if not any(pattern in n for n in names):
             raise ValueError(f"trainable: {pattern!r} occurs in no parameter name of {type(model).__name__}; "
                              f"for example: {', '.join(names[:6])}")
+    chosen = list(dict.fromkeys(n.rpartition(".")[0] for n in names if any(p in n for p in patterns)))
+    adapted = [n for n in chosen if n in lora_targets]
+    if adapted:
+        raise ValueError(f"trainable: {', '.join(patterns)} selects {adapted[0]}, which LoRA adapts (lora_targets); "
+                         "train a module either way, not both")
+    others = [f"base_model.model.{m}" for m, _ in model.named_modules() if m not in chosen]  # as peft will see them
+    for name in chosen:
+        clash = [m.removeprefix("base_model.model.") for m in others if m.endswith(name)]
+        if not name or clash:
+            raise ValueError(f"trainable: {name or 'the model itself'!r} owns a matching parameter, and peft would also take "
+                             f"{(clash or ['every module'])[0]!r} for it (it matches modules by name suffix); use a longer pattern")
+    return chosen
+
+
+def lora_config(config: FinetuneConfig, model: nn.Module, targets: list[str], modules: list[str]) -> Any:
+    """peft's LoraConfig: adapters on ``targets``, trained copies of ``modules`` (``modules_to_save``,
+    saved in the adapter). Where the model ties its output embeddings to the input ones and the
+    input embeddings train, ``ensure_weight_tying`` makes the output layer use the trained copy
+    too, as the tied weight did before; peft then adds the output layer's name as ``modules_to_tie``."""
+    from peft import LoraConfig
+
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = output is not None and output.weight is embeddings.weight
+    trains_embeddings = any(model.get_submodule(name) is embeddings for name in modules)
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, modules_to_save=modules or None, ensure_weight_tying=tied and trains_embeddings,
+                      bias="none", task_type="CAUSAL_LM")
 
 
 def method_parameters(config: FinetuneConfig, model: nn.Module) -> dict[str, Any]:
@@ -113,8 +146,7 @@ def prepare(config: FinetuneConfig, model: nn.Module) -> nn.Module:
                          "fine-tuning extends the context, give a longer target_length")
     params = method_parameters(config, model)
     targets = resolve_targets(model, config.lora_targets) if config.lora else []
-    if config.lora:
-        check_trainable(model, config.trainable)
+    modules = trainable_modules(model, config.trainable, targets) if config.lora else []
     pattern = S2Attn(group_size_ratio=config.group_size_ratio, shift=config.shift, wrap=config.wrap) if config.s2_attn else None
     rope_ext.patch(model, config.method, train_attention=pattern, **params)
     model.config.use_cache = False
@@ -124,26 +156,40 @@ def prepare(config: FinetuneConfig, model: nn.Module) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model.train()
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    for name, p in model.named_parameters():
-        if any(pattern in name for pattern in config.trainable) and "lora_" not in name:
-            p.requires_grad_(True)
-    return model.train()
+    return get_peft_model(model, lora_config(config, model, targets, modules)).train()
 
 
-def merge_and_save(config: FinetuneConfig, state_dict: dict[str, torch.Tensor], path: Path) -> Path:
-    """Rebuild the trained model from its full ``state_dict``, merge the LoRA adapters into the
-    base weights (peft ``merge_and_unload``) and save a plain checkpoint plus tokenizer. Its config
-    carries the method: ``rope_ext.load(path)`` restores it, and so does a plain transformers load
-    where the method has a native rope_type (pi, ntk, yarn, llama3, dynamic_ntk)."""
+def rebuild(config: FinetuneConfig, state_dict: dict[str, torch.Tensor]) -> tuple[nn.Module, Any]:
+    """The trained model, prepared as for training and loaded from its full ``state_dict`` (what
+    ``accelerator.get_state_dict`` gathered), in eval mode; and its tokenizer."""
     model, tokenizer = load_base(config)
     model = prepare(config, model)
     model.load_state_dict(state_dict, strict=True)
-    merged = model.merge_and_unload() if config.lora else model
+    return model.eval(), tokenizer
+
+
+def save_adapter(model: nn.Module, path: Path) -> Path:
+    """Save the peft adapter of a rebuilt model: adapter_config.json (with ``modules_to_save``) and
+    adapter_model.safetensors (LoRA weights + the trained embedding / norm copies), plus
+    ``rope_ext.json``, the position method the adapter was trained with (the config block
+    ``rope_ext.save_pretrained`` writes). To use it: load the base, ``rope_ext.patch(base,
+    block["method"], **block["params"])``, then ``peft.PeftModel.from_pretrained(base, path)``."""
+    model.save_pretrained(path)
+    (Path(path) / RECORD).write_text(json.dumps(model.config.rope_ext, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def merge_and_save(model: nn.Module, tokenizer: Any, path: Path) -> Path:
+    """Merge a rebuilt model's LoRA adapters into the base weights (peft ``merge_and_unload``, which
+    also puts the trained embedding / norm copies in place) and save a plain checkpoint plus
+    tokenizer. Its config carries the method: ``rope_ext.load(path)`` restores it, and so does a plain
+    transformers load where the method has a native rope_type (pi, ntk, yarn, llama3, dynamic_ntk).
+    The model is merged in place: save its adapter first."""
+    from peft import PeftModel
+
+    merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
     _checkpointing(merged, enable=False)
     merged.config.use_cache = True
     merged.eval()

@@ -8,12 +8,14 @@ frequency method, on one process or many through accelerate.
 Every setting is checked, the data tokenised (cached) and the model built before the first step;
 checkpoints every ``save_every`` steps; ``--resume`` continues the same run with the same data order
 and loss trajectory; at the end the LoRA adapters are merged and a normal checkpoint is saved in
-``<output_dir>/model``. Losses go to ``<output_dir>/train_log.jsonl``.
+``<output_dir>/model``, and with ``--save-adapter`` the peft adapter (LoRA + the trained embedding /
+norm copies) in ``<output_dir>/adapter``. Losses go to ``<output_dir>/train_log.jsonl``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +35,9 @@ from .data import (
     collect_files,
     load_tokens,
 )
-from .model import load_base, merge_and_save, prepare
+from .model import load_base, merge_and_save, prepare, rebuild, save_adapter
+
+logger = logging.getLogger(__name__)
 
 LOG = "train_log.jsonl"
 
@@ -98,7 +102,8 @@ class Training:
 
 def train(config: FinetuneConfig) -> Path | None:
     """Run (or resume) the fine-tune; returns the merged model's directory, or None when the run
-    stopped early (``stop_after``) or ``merge`` is off."""
+    stopped early (``stop_after``) or ``merge`` is off (the adapter, if saved, is in
+    ``<output_dir>/adapter``)."""
     job = start_job(config)
     files, done = check_inputs(job)
     model, tokenizer = build_model(config)
@@ -197,8 +202,8 @@ def announce(job: Job, training: Training, start: int, end: int) -> None:
     """One line on stderr (main process): what is trained, on how much data, by how many processes."""
     if job.is_main:
         config = job.config
-        print(f"fine-tuning {config.model} to {config.target_length} tokens: {len(training.data)} sequences, {job.world} process(es), "
-              f"{sum(p.numel() for p in training.params):,} trainable parameters, steps {start}..{end} of {config.max_steps}", file=sys.stderr)
+        logger.info(f"fine-tuning {config.model} to {config.target_length} tokens: {len(training.data)} sequences, {job.world} "
+                    f"process(es), {sum(p.numel() for p in training.params):,} trainable parameters, steps {start}..{end} of {config.max_steps}")
 
 
 def run_steps(job: Job, training: Training, start: int, end: int) -> None:
@@ -271,25 +276,30 @@ def save_checkpoint(job: Job, training: Training, step: int) -> None:
 
 
 def finish(job: Job, model: torch.nn.Module, end: int) -> Path | None:
-    """After the last step: None when stopped early or ``merge`` is off; otherwise the LoRA adapters
-    are merged into a normal checkpoint in ``<output_dir>/model``, whose path is returned (and whose
-    perplexity is measured when ``evaluate`` is on)."""
+    """After the last step: the peft adapter saved in ``<output_dir>/adapter`` when ``save_adapter``
+    is on; the LoRA adapters merged into a normal checkpoint in ``<output_dir>/model`` when ``merge``
+    is on, whose path is returned (and whose perplexity is measured when ``evaluate`` is on).
+    None when stopped early or ``merge`` is off."""
     config = job.config
     if end < config.max_steps:
         if job.is_main:
-            print(f"stopped after step {end} of {config.max_steps}; continue with --resume", file=sys.stderr)
+            logger.warning(f"stopped after step {end} of {config.max_steps}; continue with --resume")
         return None
-    if not config.merge:
+    if not (config.merge or config.save_adapter):
         return None
     state = job.accelerator.get_state_dict(model)
     result = job.out / "model"
     if job.is_main:
-        merge_and_save(config, state, result)
-        print(f"saved the fine-tuned model to {result}", file=sys.stderr)
-        if config.evaluate:
-            evaluate(config, result)
+        trained, tokenizer = rebuild(config, state)
+        if config.save_adapter:
+            logger.info(f"saved the adapter to {save_adapter(trained, job.out / 'adapter')}")
+        if config.merge:
+            merge_and_save(trained, tokenizer, result)
+            logger.info(f"saved the fine-tuned model to {result}")
+            if config.evaluate:
+                evaluate(config, result)
     job.accelerator.wait_for_everyone()
-    return result
+    return result if config.merge else None
 
 
 def evaluate(config: FinetuneConfig, path: Path) -> float:
@@ -304,7 +314,7 @@ def evaluate(config: FinetuneConfig, path: Path) -> float:
                          n_docs=config.eval_docs, corpus=config.eval_corpus, run_dir=Path(config.output_dir) / "eval",
                          model_name=str(path), progress=False)
     value = records[0]["result"]["ppl"]
-    print(f"perplexity at {config.target_length} tokens on {config.eval_corpus} (held out, {config.eval_docs} windows): {value:.4f}", file=sys.stderr)
+    logger.info(f"perplexity at {config.target_length} tokens on {config.eval_corpus} (held out, {config.eval_docs} windows): {value:.4f}")
     return value
 
 
@@ -317,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers and not logging.getLogger("rope_ext").handlers:  # run as its own process
+        logging.basicConfig(level=logging.INFO, format="rope-ext: %(message)s")
     try:
         train(config_from_args(args))
     except (ValueError, FileNotFoundError, ImportError) as err:

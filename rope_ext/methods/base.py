@@ -89,6 +89,13 @@ class Method:
         """How many positions the bound method handles: the trained length unless it scales."""
         return self.trained_length
 
+    @property
+    def context_length(self) -> int | None:
+        """The length the bound method is made for, which the patch writes to the config's
+        ``max_position_embeddings``; None where it has none (windowed and dynamic methods reach any
+        length, plain RoPE keeps the trained one)."""
+        return None
+
     def bind(self, spec: RopeSpec) -> Method:
         """A copy with every value that depends on the model filled in and checked against it
         (trained length, factor from a target length, window below the trained length ...)."""

@@ -162,10 +162,15 @@ class ScaledMethod(Method):
 
     @property
     def reach(self) -> int | None:
-        """trained length x s; None for dynamic methods (they scale with the length) and an explicit base."""
+        """The target length (trained length x s); None for dynamic methods (they scale with the
+        length) and an explicit base."""
         if self.dynamic or self.factor is None:
             return None
-        return int(self.trained_length * self.s)
+        return self.target_length or round(self.trained_length * self.s)
+
+    @property
+    def context_length(self) -> int | None:
+        return self.reach
 
     @property
     def s(self) -> float:
