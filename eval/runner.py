@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 import rope_ext
 from rope_ext.validate import MAX_WORKERS, integer
 
+from . import distributed
 from .results import ResultStore
 from .spec import SLIDING
 
@@ -98,15 +99,18 @@ class Cell:
 
 def run_cells(cells: list[Cell], store: ResultStore, desc: str, progress: bool = True) -> list[dict[str, Any]]:
     """Records of every cell, in order: stored ones as they are, the others computed now (each
-    appended to the store the moment it finishes)."""
-    todo = [c for c in cells if c.key not in store]
+    appended to the store the moment it finishes; shared with the other processes inside
+    ``distributed.sharing()``)."""
+    store = distributed.merged(store)
+    todo, target = distributed.share([c for c in cells if c.key not in store], store)
     bar = tqdm(total=len(todo), desc=desc, dynamic_ncols=True, disable=not progress or not todo)
     for cell in todo:
         bar.set_postfix_str(cell.label)
         start = time.perf_counter()
         result = cell.compute()
-        store.append(cell.key, result, {"seconds": round(time.perf_counter() - start, 3),
+        target.append(cell.key, result, {"seconds": round(time.perf_counter() - start, 3),
                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": torch.get_num_threads()})
         bar.update(1)
     bar.close()
+    store = distributed.merged(store)
     return [store.get(c.key) for c in cells]

@@ -19,6 +19,10 @@ SLIDING = "sliding_window"
 
 
 def parse_value(text: str) -> Any:
+    """A parameter value from the command line: true / false, an int, a float, a comma-separated
+    tuple of those (``segments=2048,4096``), else the text."""
+    if "," in text:
+        return tuple(parse_value(part) for part in text.split(","))
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"

@@ -28,6 +28,7 @@ from .recorder import Recorder
 from .rotary import resolve_kernel
 
 ATTR = "rope_ext_patch"
+PATCH_KERNELS = ("auto", "triton", "torch")
 
 
 def patch(model: nn.Module, method: str, *, replace: bool = False, kernel: str = "auto",
@@ -109,6 +110,9 @@ def _resolve(model: nn.Module, method: str, kernel: str, train_attention: Any, p
     if first is None:
         raise ValueError(f"{type(model).__name__} has no parameters: not a language model rope_ext can patch")
     device = first.device
+    if kernel not in PATCH_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(PATCH_KERNELS)} for rope_ext.patch, got {kernel!r} "
+                         "('compiled' is a backend of rope_ext.rotary.apply_rotary, which 'auto' picks there)")
     kernel = resolve_kernel(kernel, device)
     family = family_for(model)
     built = build_method(method, params)
@@ -162,7 +166,7 @@ def _apply(model, family, method: Method, specs, kernel: str, train_attention: A
             for module in family.attention_modules(model):
                 rec.setattr(module, "rope_ext_runtime", runtime)
                 rec.setattr(module, "rope_ext_layer_type", family.layer_type_of(module))
-            for config in _model_configs(model):
+            for config in model_configs(model):
                 rec.setattr(config, "_attn_implementation_internal", attn_name)
             policy = method.cache_policy()
             if policy is not None:
@@ -277,7 +281,8 @@ def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def _model_configs(model: nn.Module) -> list[Any]:
+def model_configs(model: nn.Module) -> list[Any]:
+    """Every distinct config object of ``model``'s modules that selects an attention implementation."""
     seen, configs = set(), []
     for module in model.modules():
         config = getattr(module, "config", None)

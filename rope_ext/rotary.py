@@ -1,5 +1,7 @@
 """The rotary dispatcher users call: ``apply_rotary`` picks a backend for the device and hands q and
-k to ``rope_ext.kernels.rotary_autograd`` (checks + autograd), which runs that backend's op.
+k to ``rope_ext.kernels.rotary_autograd`` (checks + autograd), which runs that backend's op: torch
+(eager, any device), compiled (inductor, one graph per shape; "auto" on the CPU once a shape
+recurs) or Triton (CUDA).
 
 Layout "half" (HF / GPT-NeoX): the rotated pairs are (x_i, x_{i + r/2}); only the first r = 2 *
 len(theta) dims rotate (partial rotary), the rest pass through. RoFormer eq. 34:
@@ -15,7 +17,7 @@ import os
 
 import torch
 
-from .kernels.rotary_autograd import BACKENDS, apply_op
+from .kernels.rotary_autograd import AUTO_CPU, BACKENDS, apply_op
 from .kernels.rotary_ops_torch import rotate_hf
 
 
@@ -48,7 +50,8 @@ KERNELS = ("auto", *BACKENDS)
 
 def resolve_kernel(kernel: str, device: torch.device | str) -> str:
     """The backend ``kernel`` names for tensors on ``device``: "auto" is Triton on CUDA (when
-    triton is installed) and torch elsewhere; "triton" off CUDA needs ``TRITON_INTERPRET=1``."""
+    triton is installed) and torch elsewhere (``apply_rotary`` then sends recurring CPU shapes to
+    the compiled op, see ``auto_backend``); "triton" off CUDA needs ``TRITON_INTERPRET=1``."""
     device = torch.device(device)
     if kernel == "auto":
         return "triton" if device.type == "cuda" and _triton_available() else "torch"
@@ -58,9 +61,30 @@ def resolve_kernel(kernel: str, device: torch.device | str) -> str:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"kernel='triton' needs CUDA tensors (got {device}); use kernel='auto' or 'torch', or set TRITON_INTERPRET=1 before importing triton")
         return "triton"
-    if kernel == "torch":
-        return "torch"
+    if kernel in ("torch", "compiled"):
+        return kernel
     raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+
+
+AUTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def auto_backend(x: torch.Tensor, rounding: str, inplace: bool) -> str:
+    """What "auto" runs for x: Triton on CUDA; on the CPU the compiled op (``AUTO_CPU``: a shape
+    compiles at its third call, the torch op before and if compiling fails) for float32 / bfloat16 /
+    float16, rounding "once", out of place; the torch op otherwise (float64, transformers' rounding
+    "each", in place: the torch op works in place, the compiled one would add a copy). Inside a
+    region torch.compile is tracing, the CPU takes "compiled", whose expression is traced into
+    that graph."""
+    name = resolve_kernel("auto", x.device)
+    if rounding == "each" or x.dtype == torch.float64:
+        return "torch"
+    if name == "torch" and x.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            return "compiled"
+        if x.dtype in AUTO_DTYPES and not inplace:
+            return AUTO_CPU
+    return name
 
 
 @functools.cache
@@ -92,17 +116,17 @@ def apply_rotary(
     ``offsets``: int or per-sequence int tensor; token t is rotated to table row t + offset (decoding
     with a KV cache). ``cu_seqlens``: (N+1,) starts of N packed sequences in batch 1; positions restart
     at each start. Rows outside the table are left unrotated. ``layout="bthd"`` takes (B, T, H, d).
-    ``inplace``: overwrite q and k. ``kernel``: "auto" (Triton on CUDA, torch elsewhere), "triton",
-    "torch"; all give the same numbers (float32 arithmetic, one rounding). ``rounding="each"``
-    (torch only; "auto" picks it) rounds every product and sum to the input dtype instead, as
-    transformers does (``rotate``). Differentiable in q, k.
+    ``inplace``: overwrite q and k. ``kernel``: "auto" (``auto_backend``: Triton on CUDA, on the CPU
+    the compiled op for shapes that recur, else torch), "triton", "torch", "compiled" (inductor,
+    one graph per shape: ``rope_ext.kernels.rotary_ops_compiled``); all give the same numbers
+    (float32 arithmetic, one rounding). ``rounding="each"`` (torch only; "auto" picks it) rounds
+    every product and sum to the input dtype instead, as transformers does (``rotate``).
+    Differentiable in q, k.
     Returns (q', k'); either input may be None and is returned as None.
     """
     x = q if q is not None else k
     if x is None:
         raise ValueError("q and k are both None: nothing to rotate")
-    name = resolve_kernel(kernel, x.device)
-    if kernel == "auto" and (x.dtype == torch.float64 or rounding == "each"):
-        name = "torch"
+    name = auto_backend(x, rounding, inplace) if kernel == "auto" else resolve_kernel(kernel, x.device)
     return apply_op(q, k, cos, sin, backend=name, interleaved=interleaved, offsets=offsets, cu_seqlens=cu_seqlens,
                     inplace=inplace, layout=layout, rotary_dim=rotary_dim, rounding=rounding)

@@ -87,3 +87,22 @@ def _seeded() -> None:
     generator is not drawn from by the tests or rope_ext.)"""
     random.seed(0)
     torch.manual_seed(0)
+
+
+TINY_LAB = dict(context=16, layers=1, hidden=32, heads=2, intermediate=32, steps=3, batch=2, warmup=1)  # a lab model in a second
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> str:
+    """A one-file text corpus (a small Python function, repeated) for lab models in tests."""
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("def add(a, b):\n    return a + b\n\n" * 200)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def lab_lm(tmp_path_factory, text_corpus):
+    """A tiny lab model (``TINY_LAB``) trained on ``text_corpus``: its directory."""
+    from rope_ext.eval.lab import LabConfig, pretrain
+
+    return pretrain(LabConfig(**TINY_LAB, corpus=text_corpus), tmp_path_factory.mktemp("lab") / "lm")

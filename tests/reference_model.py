@@ -28,6 +28,9 @@ Formulas, with s the factor, b the base, L0 the trained length, L the current le
   log-n (Su 2023)                        q_i * max(1, ln(i + 1) / ln L0)
   ALiBi (Press et al. 2022)              no rotation; bias -m_h (i - j), m_h = 2^(-8 h / n) (power-of-two n)
   NoPE (Kazemnejad et al. 2023)          no rotation
+  LongNet dilated (Ding et al. 2023)     plain RoPE; per pair (w, r) and head h, key j is seen by query i
+                                         iff floor(i/w) = floor(j/w) and i = j = h (mod r) (eq. 5-9);
+                                         outputs O_p merged with alpha_p = s_p / sum s (eq. 10-11)
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ REFERENCE = "reference_dense"
 FREQUENCY_METHODS = ("none", "pi", "ntk", "dynamic_ntk", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3")
 WINDOWED_METHODS = ("rerope", "leaky_rerope", "self_extend")
 UNROTATED_METHODS = ("alibi", "nope")
-METHODS = FREQUENCY_METHODS + WINDOWED_METHODS + UNROTATED_METHODS
+MASKED_METHODS = ("dilated",)
+METHODS = FREQUENCY_METHODS + WINDOWED_METHODS + UNROTATED_METHODS + MASKED_METHODS
 
 
 def rope_theta(b: float, d: int) -> torch.Tensor:
@@ -110,7 +114,7 @@ def frequencies(name: str, p: dict[str, Any], b: float, d: int, L0: int, L: int)
         return theta, p.get("attention_factor") or yarn_temperature(s)
     if name == "llama3":
         return llama3_theta(rope_theta(b, d), s, L0, p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)), 1.0
-    if name in ("none",) + WINDOWED_METHODS:
+    if name in ("none",) + WINDOWED_METHODS + MASKED_METHODS:
         return rope_theta(b, d), 1.0
     raise KeyError(f"no reference frequencies for method {name!r}: add its formula to tests/reference_model.py")
 
@@ -198,8 +202,30 @@ class Reference:
         allowed = (j <= i) & self.padding[:, None, None, :]
         if sliding_window is not None:
             allowed = allowed & (i - j < sliding_window)
+        if self.name == "dilated":
+            out = dilated_combination(s, v, i, j, allowed, self.params["segments"], self.params["dilations"])
+            return out.transpose(1, 2).to(dtype)
         weights = torch.softmax(s.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(0.0)
         return (weights @ v).transpose(1, 2).to(dtype)
+
+
+def dilated_combination(s: torch.Tensor, v: torch.Tensor, i: torch.Tensor, j: torch.Tensor, allowed: torch.Tensor,
+                        segments: Any, dilations: Any) -> torch.Tensor:
+    """LongNet (Ding et al. 2023): for each pair (w, r) a boolean mask per head h (same segment
+    floor(i / w) = floor(j / w), rows i and j both = h mod r (mod r), eq. 5-9), its softmax O_p and
+    denominator s_p = sum exp(S) over the mask; O = sum_p alpha_p O_p with alpha_p = s_p / sum_q s_q
+    (eq. 10-11), computed as explicit log-sum-exps. Scores s (B, H, L, L), float64."""
+    h = torch.arange(s.shape[1])[None, :, None, None]
+    outs, lses = [], []
+    for w, r in zip(segments, dilations):
+        same_segment = torch.div(i, w, rounding_mode="floor") == torch.div(j, w, rounding_mode="floor")
+        mask = allowed & same_segment & (i % r == h % r) & (j % r == h % r)
+        masked = s.masked_fill(~mask, -math.inf)
+        lses.append(torch.logsumexp(masked, dim=-1))
+        outs.append(torch.softmax(masked, dim=-1).nan_to_num(0.0) @ v)
+    lse = torch.stack(lses)
+    alpha = torch.exp(lse - torch.logsumexp(lse, dim=0)).nan_to_num(0.0)
+    return (alpha[..., None] * torch.stack(outs)).sum(dim=0)
 
 
 def rotary_modules(model: Any) -> list[torch.nn.Module]:

@@ -82,7 +82,8 @@ def numeric_flags() -> list[tuple[list[str], argparse.Action]]:
 def required_arguments(path: list[str]) -> list[str]:
     """The minimum other arguments each subcommand needs to parse."""
     needs = {"eval": ["--model", "m", "--run-dir", "r"], "generate": ["--model", "m", "--prompt", "p", "--max-new-tokens", "4"],
-             "pretrain": ["--out", "o"], "calc": [], "finetune": []}
+             "pretrain": ["--out", "o"], "calc": [], "finetune": [], "recommend": ["m", "--target-length", "64"],
+             "export": ["m", "--method", "pi", "--to", "vllm"]}
     extra = needs.get(path[0], [])
     if path[:2] == ["eval", "stream"]:
         extra = extra + ["--tokens", "64"]

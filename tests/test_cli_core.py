@@ -21,7 +21,7 @@ from rope_ext.cli import main
 from rope_ext.methods import REGISTRY
 from rope_ext.patch import model_specs
 
-SAMPLE_PARAMS = {"factor": 2.0, "window": 8, "k": 2.0, "group_size": 2}
+SAMPLE_PARAMS = {"factor": 2.0, "window": 8, "k": 2.0, "group_size": 2, "segments": (16, 32), "dilations": (1, 2)}
 
 
 def run_json(capsys, *argv: str):

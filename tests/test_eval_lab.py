@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY_LAB
 import torch
 from rope_ext.eval.lab import (
     LabConfig,
@@ -20,19 +21,6 @@ from rope_ext.eval.tokens import byte_tokenizer
 import rope_ext
 from rope_ext import cli
 
-TINY = dict(context=16, layers=1, hidden=32, heads=2, intermediate=32, steps=3, batch=2, warmup=1)
-
-
-@pytest.fixture(scope="module")
-def text_corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text("def add(a, b):\n    return a + b\n\n" * 200)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def lab_lm(tmp_path_factory, text_corpus):
-    return pretrain(LabConfig(**TINY, corpus=text_corpus), tmp_path_factory.mktemp("lab") / "lm")
 
 
 def test_pretrain_saves_a_normal_checkpoint(lab_lm):
@@ -48,14 +36,14 @@ def test_pretrain_saves_a_normal_checkpoint(lab_lm):
 
 
 def test_training_lowers_the_loss(tmp_path, text_corpus):
-    path = pretrain(LabConfig(**{**TINY, "steps": 30, "lr": 1e-2}, corpus=text_corpus), tmp_path / "lm")
+    path = pretrain(LabConfig(**{**TINY_LAB, "steps": 30, "lr": 1e-2}, corpus=text_corpus), tmp_path / "lm")
     curve = json.loads((path / "lab.json").read_text())["loss_curve"]
     assert sum(curve[-5:]) / 5 < curve[0] - 1.0
 
 
 @pytest.mark.parametrize("position", ["alibi", "nope"])
 def test_alibi_and_nope_reload_with_their_position_encoding(tmp_path, position):
-    cfg = LabConfig(**{**TINY, "position": position, "max_bias": 4.0})
+    cfg = LabConfig(**{**TINY_LAB, "position": position, "max_bias": 4.0})
     model = build_model(cfg, 259).eval()
     assert rope_ext.current(model).name == position
     save_lab(model, byte_tokenizer(), tmp_path / position, {"kind": "lm"})
@@ -71,7 +59,7 @@ def test_alibi_and_nope_reload_with_their_position_encoding(tmp_path, position):
 
 
 def test_passkey_finetune_from_lab_lm(tmp_path, text_corpus):
-    lm = pretrain(LabConfig(**{**TINY, "context": 64, "steps": 1}, corpus=text_corpus), tmp_path / "lm")
+    lm = pretrain(LabConfig(**{**TINY_LAB, "context": 64, "steps": 1}, corpus=text_corpus), tmp_path / "lm")
     out = finetune_passkey(lm, PasskeyLabConfig(steps=2, batch=2, corpus=text_corpus), tmp_path / "pk")
     record = json.loads((out / "lab.json").read_text())
     assert record["kind"] == "passkey" and record["trained_length"] == 64 and 0 <= record["train_exact_last20"] <= 1
@@ -117,7 +105,7 @@ def test_cli_pretrain_eval_report_resume(tmp_path, text_corpus, capsys):
 def test_alibi_model_evaluates_as_loaded_and_refuses_rope_methods():
     from rope_ext.eval.ppl import perplexity
 
-    model = build_model(LabConfig(**{**TINY, "position": "alibi"}), 259).eval()
+    model = build_model(LabConfig(**{**TINY_LAB, "position": "alibi"}), 259).eval()
     docs = [torch.randint(3, 259, (64,), generator=torch.Generator().manual_seed(0))]
     recs = perplexity(model, docs, ["1x", "4x"], ["none"], progress=False)
     assert len(recs) == 4 and rope_ext.current(model).name == "alibi"

@@ -26,6 +26,7 @@ BAD = [
     (("pi",), {"factor": 2.0, "window": 3}, TypeError, "unknown parameter.*window; allowed: .*factor"),
     (("pi",), {"factor": 2.0, "logn": "yes"}, TypeError, "logn must be bool"),
     (("pi",), {"factor": 2.0, "kernel": "cuda"}, ValueError, "kernel must be one of auto, triton, torch"),
+    (("pi",), {"factor": 2.0, "kernel": "compiled"}, ValueError, "kernel must be one of auto, triton, torch for rope_ext.patch"),
     ((123,), {}, TypeError, "method must be a str"),
 ]
 

@@ -245,7 +245,7 @@ def test_bad_arguments_raise_before_writing() -> None:
     cos, sin = tables(16, 5, torch.float32)
     q0 = q.clone()
     bad = [
-        (dict(kernel="cuda"), "kernel must be one of auto, triton, torch, got 'cuda'"),
+        (dict(kernel="cuda"), "kernel must be one of auto, triton, torch, compiled, got 'cuda'"),
         (dict(layout="bshd"), r"layout must be one of \('bhtd', 'bthd'\), got 'bshd'"),
         (dict(rotary_dim=12), "rotary_dim=12 must be even, <= head dim 16, and equal the tables' width 16"),
         (dict(offsets=torch.tensor([1, 2, 3])), r"offsets tensor must be int32/int64 of shape \(2,\)"),

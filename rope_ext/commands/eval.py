@@ -1,7 +1,9 @@
 """``rope-ext eval ppl|passkey|stream``: evaluate methods past a model's trained length into a run directory.
 
 Every finished cell is appended to RUN_DIR/results.jsonl; rerunning the same command resumes and
-recomputes nothing. The report (RUN_DIR/report.md, CSV, PNG) is written at the end.
+recomputes nothing. The report (RUN_DIR/report.md, CSV, PNG) is written at the end. With
+``--num-processes N`` (or when started by accelerate launch / torchrun) the cells are shared among
+the processes and merged into one results.jsonl (``rope_ext.eval.distributed``).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--repair", action="store_true", help="drop damaged records of --run-dir's results.jsonl (after naming them) "
                    "and recompute their cells, instead of stopping")
+    p.add_argument("--num-processes", type=WORKERS, default=1,
+                   help="processes (accelerate launch) that share the cells, merged into one results.jsonl (default: 1)")
 
 
 def add_parser(subparsers) -> None:
@@ -156,10 +160,26 @@ def run_task(args: argparse.Namespace, run_dir, methods: list[str], method_param
                 model_name=name, run_dir=run_dir, record=record)
 
 
+def _command_line(args: argparse.Namespace) -> list[str]:
+    """This process's command line (``sys.argv``) when it is the command ``args`` came from, to relaunch."""
+    from rope_ext.cli import build_parser
+
+    argv = sys.argv[1:]
+    try:
+        again = vars(build_parser().parse_args(argv))
+    except SystemExit:
+        again = None
+    if again != vars(args):
+        raise ValueError("--num-processes relaunches the command line, and this process's command line is not this command; "
+                         "run `rope-ext eval ... --num-processes N`, or start the processes with accelerate launch / torchrun")
+    return argv
+
+
 def run(args: argparse.Namespace) -> int:
     """Check every input, create the run directory, compute; a run directory this command created
-    is removed again if it fails before storing any result."""
-    from rope_ext.eval.results import RunDir
+    is removed again if it fails before storing any result. With ``--num-processes`` N > 1 the
+    command is relaunched as N processes (accelerate), which share the cells."""
+    from rope_ext.eval import distributed
     from rope_ext.eval.spec import parse_method_params, parse_methods
 
     if args.eval_task == "stream":
@@ -172,13 +192,16 @@ def run(args: argparse.Namespace) -> int:
         method_params = parse_method_params(args.method_params, methods + ["sliding_window"])
         depths = _depths(args.depths) if args.eval_task == "passkey" else None
     model_source(args.model)
-    run_dir = RunDir(args.run_dir, repair=args.repair)
-    try:
-        if args.eval_task == "stream":
-            run_stream(args, run_dir)
-        else:
-            run_task(args, run_dir, methods, method_params, depths)
-    except BaseException:
-        run_dir.discard_if_unused()
-        raise
-    return _finish(args, run_dir.path)
+    if args.num_processes > 1 and distributed.launched_world() == 1:
+        return distributed.launch(_command_line(args), args.num_processes)
+    with distributed.sharing():
+        run_dir = distributed.run_dir(args.run_dir, repair=args.repair)
+        try:
+            if args.eval_task == "stream":
+                run_stream(args, run_dir)
+            else:
+                run_task(args, run_dir, methods, method_params, depths)
+        except BaseException:
+            run_dir.discard_if_unused()
+            raise
+        return _finish(args, run_dir.path) if distributed.is_main() else 0

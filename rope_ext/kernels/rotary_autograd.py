@@ -1,10 +1,11 @@
 """The middle rotary layer: the backend table, the argument checks and the one autograd Function.
 
 Three thin layers, as flash-attn's rotary: the ops (``rotary_ops_torch.rotary_op``,
-``rotary_ops_triton.rotary_op``: the computation, one signature, arguments assumed valid); this
-module (``apply_op``: check everything, then call one backend's op, through ``RotaryFunction`` when
-a gradient is wanted); ``rope_ext.rotary.apply_rotary`` (the dispatcher users call: picks the
-backend for the device).
+``rotary_ops_triton.rotary_op``, ``rotary_ops_compiled.rotary_op``: the computation, one signature,
+arguments assumed valid; plus ``rotary_ops_compiled.auto_op``, the internal backend ``AUTO_CPU``
+that kernel="auto" runs on the CPU); this module (``apply_op``: check everything, then call one
+backend's op, through ``RotaryFunction`` when a gradient is wanted); ``rope_ext.rotary.apply_rotary``
+(the dispatcher users call: picks the backend for the device).
 
 The gradient of a rotation by theta is the rotation of the gradient by -theta (R(theta)^T =
 R(-theta)), so the backward is the same op with ``conjugate=True`` (and the same rounding). cos/sin
@@ -20,20 +21,27 @@ from collections.abc import Callable
 
 import torch
 
-BACKENDS = {"triton": ".rotary_ops_triton", "torch": ".rotary_ops_torch"}  # backend -> module of its rotary_op
+from . import rotary_ops_torch
+
+BACKENDS = {"triton": ".rotary_ops_triton", "torch": ".rotary_ops_torch", "compiled": ".rotary_ops_compiled"}  # backend -> module of its rotary_op
+AUTO_CPU = "compiled_auto"  # what kernel="auto" runs on the CPU: rotary_ops_compiled.auto_op
+ROUNDS_ONCE = ("triton", "compiled", AUTO_CPU)  # backends without rounding="each"
 ROUNDINGS = ("once", "each")
 LAYOUTS = ("bhtd", "bthd")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_OPS: dict[str, Callable] = {}
+_OPS: dict[str, Callable] = {"torch": rotary_ops_torch.rotary_op}  # imported here: callable inside torch.compile
 
 
 def op(backend: str) -> Callable:
-    """The backend's ``rotary_op``; its module is imported on first use (Triton's imports triton)."""
+    """The backend's ``rotary_op`` (``AUTO_CPU``: the compiled module's ``auto_op``); its module is
+    imported on first use (Triton's imports triton)."""
     fn = _OPS.get(backend)
     if fn is None:
-        if backend not in BACKENDS:
+        name = "compiled" if backend == AUTO_CPU else backend
+        if name not in BACKENDS:
             raise ValueError(f"rotary backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        fn = _OPS[backend] = importlib.import_module(BACKENDS[backend], __package__).rotary_op
+        module = importlib.import_module(BACKENDS[name], __package__)
+        fn = _OPS[backend] = module.auto_op if backend == AUTO_CPU else module.rotary_op
     return fn
 
 
@@ -130,9 +138,9 @@ def apply_op(
             raise ValueError("inplace=True needs q and k with a contiguous last dim")
         q = None if q is None else _last_contiguous(q)
         k = None if k is None else _last_contiguous(k)
+    if backend in ROUNDS_ONCE and rounding != "once":
+        raise ValueError(f"the {backend} rotary rounds once (float32 arithmetic); rounding={rounding!r} needs kernel='torch'")
     if backend == "triton":
-        if rounding != "once":
-            raise ValueError(f"the Triton rotary rounds once (float32 arithmetic); rounding={rounding!r} needs kernel='torch'")
         if (q if q is not None else k).dtype not in TRITON_DTYPES:
             raise ValueError(f"the Triton rotary takes {TRITON_DTYPES}, got {(q if q is not None else k).dtype}; use kernel='torch'")
         stride = cos.stride()

@@ -9,8 +9,11 @@ x2 = x[1:r:2]. Pair i uses table column i (i < r/2): HF tables of width r repeat
 Dims past r pass through.
 
 Two roundings, chosen by ``rounding`` (one function, one formula; only the rounding differs):
-  * "once" (the default): float32 arithmetic (float64 for float64 input, which only this op
-    takes), rounded once to the input dtype -- the Triton op's numbers;
+  * "once" (the default): float32 arithmetic (float64 for float64 input), rounded once to the
+    input dtype -- the Triton and compiled ops' numbers to float32 rounding: x1 c - x2 s is an
+    addcmul here, which a CPU with fused multiply-add computes as round(round(x1 c) - x2 s), the
+    product x2 s unrounded; the compiled op rounds it (transformers' expression in float32), so
+    the two differ by at most one float32 rounding of a product before the final rounding;
   * "each": the tables are taken in the input dtype and every product and sum is rounded to it,
     x1 c - x2 s as round(round(x1 c) - round(x2 s)) -- bitwise transformers'
     ``x * cos + rotate_half(x) * sin`` for tables whose halves are equal (HF's emb = cat(freqs,
@@ -181,20 +184,21 @@ SMALL = 1 << 17  # q + k elements up to which the few-calls path is used (decodi
 
 
 def _rotate_small(q: torch.Tensor | None, k: torch.Tensor | None, c: torch.Tensor, s: torch.Tensor, interleaved: bool,
-                  conjugate: bool, seq_first: bool, each: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                  conjugate: bool, seq_first: bool, each: bool, work: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """q and k (either may be None; every dim rotates) in one pass, in as few calls as possible
     (decoding is bound by calls, not bytes): x' = x c + swap(x) (-+ s), the products and sums of
-    ``_rotate_pairs`` in the working dtype (c's), so the results are identical; swap exchanges the
-    members of each pair (an index_select: faster than flip)."""
+    ``_rotate_pairs`` in the working dtype ``work`` (c and s are of it, or upcast exactly to it by
+    the products), so the results are identical; swap exchanges the members of each pair (an
+    index_select: faster than flip)."""
     head_axis = 2 if seq_first else 1
     x = q if k is None else k if q is None else torch.cat((q, k), head_axis)
     dtype = x.dtype
-    if dtype != c.dtype:
-        x = x.to(c.dtype)
+    if dtype != work:
+        x = x.to(work)
     half = x.shape[-1] // 2
     pair = -1 if interleaved else -2
     xv = x.unflatten(-1, (half, 2) if interleaved else (2, half))
-    signs, swap = _pair_constants(interleaved, conjugate, c.dtype, c.device)
+    signs, swap = _pair_constants(interleaved, conjugate, work, c.device)
     out = xv * c
     if each:
         out += xv.index_select(pair, swap) * (s * signs)
@@ -239,7 +243,8 @@ def rotary_op(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Rotate q and k ((B, H, T, d), or (B, T, H, d) with ``seq_first``) by cos/sin (1|B, Tc, w).
 
-    ``rounding``: "once" (float32 arithmetic, one rounding: the Triton op's numbers) or "each"
+    ``rounding``: "once" (float32 arithmetic, one rounding: the Triton and compiled ops' numbers
+    to float32 rounding) or "each"
     (every product and sum rounded to the input dtype: bitwise transformers' rotation); see the
     module doc. Arguments are assumed valid (``rotary_autograd.check_args`` checks them)."""
     x0 = q if q is not None else k
@@ -247,9 +252,12 @@ def rotary_op(
     each = rounding == "each"
     work = x0.dtype if each else torch.promote_types(torch.promote_types(x0.dtype, cos.dtype), torch.float32)
     half = rotary_dim // 2
-    c, s = gather_tables(cos, sin, half, positions(seqlen, offsets, cu_seqlens, x0.device), seqlen, work)
+    small = not inplace and rotary_dim == x0.shape[-1] and (0 if q is None else q.numel()) + (0 if k is None else k.numel()) <= SMALL
+    # the few-calls path lets its products upcast tables that convert exactly (two calls fewer per table)
+    rows = cos.dtype if small and torch.promote_types(cos.dtype, work) == work else work
+    c, s = gather_tables(cos, sin, half, positions(seqlen, offsets, cu_seqlens, x0.device), seqlen, rows)
     c, s = pair_views(c, s, half, interleaved, seq_first)
-    if not inplace and rotary_dim == x0.shape[-1] and (0 if q is None else q.numel()) + (0 if k is None else k.numel()) <= SMALL:
-        return _rotate_small(q, k, c, s, interleaved, conjugate, seq_first, each)
+    if small:
+        return _rotate_small(q, k, c, s, interleaved, conjugate, seq_first, each, work)
     s, seq_axis = s.squeeze(-1 if interleaved else -2), 1 if seq_first else 2
     return tuple(None if x is None else _rotate_one(x, c, s, rotary_dim, interleaved, conjugate, inplace, seq_axis, each) for x in (q, k))

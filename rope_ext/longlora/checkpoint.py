@@ -20,6 +20,7 @@ directory your own runs wrote (SECURITY.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -108,6 +109,8 @@ def check_resume(output_dir: Path, config: FinetuneConfig, world_size: int) -> N
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: {saved_path} must hold the run's settings as a mapping, got {type(saved).__name__}")
     now = run_settings(config, world_size)
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
+    saved = {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}  # keys added since: their default
     changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v]
     if changed:
         raise ValueError(f"--resume: settings differ from the run in {output_dir}: {'; '.join(changed)} "

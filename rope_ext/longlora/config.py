@@ -1,8 +1,9 @@
 """The fine-tuning configuration: one frozen dataclass, filled from defaults < a YAML recipe < CLI flags.
 
 Defaults follow LongLoRA (Chen et al. 2023, arXiv 2309.12307, sec. 4.1): Position Interpolation,
-S2-Attn with groups of 1/4 of the length, LoRA rank 8 / alpha 16 on the attention projections plus
-trainable embeddings and norms ("LoRA+", sec. 3.3), AdamW at 2e-5 with 20 warm-up steps.
+S2-Attn with groups of 1/4 of the length (``train_attention``: or LongNet's dilated attention, or
+full), LoRA rank 8 / alpha 16 on the attention projections plus trainable embeddings and norms
+("LoRA+", sec. 3.3), AdamW at 2e-5 with 20 warm-up steps.
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from typing import Any
 
 import yaml
 
-from ..validate import MAX_COUNT, MAX_SEED, integer, number
+from ..validate import MAX_COUNT, MAX_SEED, MAX_WORKERS, integer, number
 from ..validate import flag as validated_flag
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("constant_with_warmup", "linear", "cosine", "constant")
+TRAIN_ATTENTION = ("s2", "dilated", "full")
+TEST_ATTENTION = ("full", "dilated")
 BOUNDS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     # every numeric setting's range, checked the same way in a recipe, a flag and the Python API
     "target_length": (integer, {"minimum": 2, "maximum": MAX_COUNT}),
@@ -41,10 +44,11 @@ BOUNDS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "keep_checkpoints": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
     "stop_after": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
     "eval_docs": (integer, {"minimum": 1, "maximum": MAX_COUNT}),
+    "sequence_parallel": (integer, {"minimum": 1, "maximum": MAX_WORKERS}),
 }
 # fields that may differ between a run and its --resume; every other one must match
 RESUMABLE = ("resume", "trust_engine_checkpoints", "stop_after", "save_every", "keep_checkpoints", "max_steps", "merge",
-             "save_adapter", "evaluate", "eval_corpus", "eval_docs")
+             "save_adapter", "evaluate", "eval_corpus", "eval_docs", "test_attention")
 
 
 @dataclass(frozen=True)
@@ -60,11 +64,19 @@ class FinetuneConfig:
     method_params: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"
     model_dtype: str = "float32"
-    # S2-Attn (training only; full attention at inference)
+    # the attention while training (full attention at inference unless test_attention is dilated):
+    # s2 (S2-Attn), dilated (LongNet) or full; None: s2, or full where the older switch s2_attn is false
+    train_attention: str | None = None
     s2_attn: bool = True
     group_size_ratio: float = 0.25
     shift: bool = True
     wrap: bool = False
+    # LongNet's (segment, dilation) pairs for train_attention dilated (None: the method's geometric
+    # defaults from the trained length, w_i = L0 2^i, r_i = 2^i up to target_length)
+    segments: tuple[int, ...] | None = None
+    dilations: tuple[int, ...] | None = None
+    # the merged model's attention: full, or dilated (saved with the dilated method; method none only)
+    test_attention: str = "full"
     # what trains: LoRA on lora_targets ("auto": the linear layers of every attention module) plus
     # copies (peft modules_to_save) of the modules owning a parameter whose name contains one of
     # ``trainable``; lora=False trains everything
@@ -102,6 +114,8 @@ class FinetuneConfig:
     evaluate: bool = False
     eval_corpus: str = "stdlib"
     eval_docs: int = 8
+    # DeepSpeed Ulysses: each sequence split over this many processes (sequence_parallel.py)
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
         _check_str(self, "model", "output_dir", "method", "attn_implementation", "text_key", "eval_corpus")
@@ -117,6 +131,7 @@ class FinetuneConfig:
                      "merge", "save_adapter", "evaluate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_attention(self)
         if not isinstance(self.method_params, dict):
             raise ValueError(f"method_params must be a mapping of parameter names to values, got {self.method_params!r}")
         for name in ("lora_targets", "trainable", "data_extensions"):
@@ -124,12 +139,70 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a list of non-empty names, got {list(getattr(self, name))!r}")
         if self.lora and not self.lora_targets:
             raise ValueError("lora_targets is empty; name the modules LoRA adapts, or 'auto'")
+        if self.sequence_parallel > 1:
+            from .sequence_parallel import check_length, require_deepspeed
+
+            check_length(self.sequence_parallel, self.target_length)
+            require_deepspeed(self.sequence_parallel)
         if self.save_adapter and not self.lora:
             raise ValueError("save_adapter needs lora: a full fine-tune (lora false) has no adapter; its result is the merged "
                              "model (merge)")
 
+    @property
+    def pattern(self) -> str:
+        """The training attention in effect: ``train_attention``, else s2 (full where s2_attn is false)."""
+        return self.train_attention or ("s2" if self.s2_attn else "full")
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+
+
+def _pairs(name: str, value: Any) -> tuple[Any, ...] | None:
+    """``segments`` / ``dilations`` as a tuple: from a list, or from text "128,256,512" (pieces that are
+    not integers kept as given, for the dilated method's own check to name)."""
+    if value is None or isinstance(value, tuple):
+        return value
+    if isinstance(value, str):
+        return tuple(int(x) if x.strip().lstrip("-").isdigit() else x for x in value.split(","))
+    if isinstance(value, list):
+        return tuple(value)
+    raise ValueError(f"{name} must be a list of integers or text such as '128,256,512', got {value!r}")
+
+
+def _check_attention(config: FinetuneConfig) -> None:
+    """train_attention / test_attention and the dilated pairs: allowed values, pairs checked by the
+    dilated method itself, refused where they would not be used."""
+    if config.train_attention is not None and config.train_attention not in TRAIN_ATTENTION:
+        raise ValueError(f"train_attention must be one of {', '.join(TRAIN_ATTENTION)}, got {config.train_attention!r}")
+    if config.test_attention not in TEST_ATTENTION:
+        raise ValueError(f"test_attention must be one of {', '.join(TEST_ATTENTION)}, got {config.test_attention!r}")
+    if config.train_attention == "s2" and not config.s2_attn:
+        raise ValueError("s2_attn false contradicts train_attention s2; give train_attention alone (s2, dilated or full)")
+    segments, dilations = _pairs("segments", config.segments), _pairs("dilations", config.dilations)
+    given = [n for n, v in (("segments", segments), ("dilations", dilations)) if v is not None]
+    if config.pattern != "dilated":
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to train_attention dilated, not {config.pattern}")
+        if config.test_attention == "dilated":
+            raise ValueError(f"test_attention dilated needs train_attention dilated (its segments and dilations), not "
+                             f"{config.pattern}")
+        return
+    if len(given) == 1:
+        raise ValueError(f"give segments and dilations together (one dilation per segment), got only {given[0]}")
+    if given:
+        from .dilated_pattern import checked_pairs
+
+        segments, dilations = checked_pairs(segments, dilations)
+        object.__setattr__(config, "segments", segments)
+        object.__setattr__(config, "dilations", dilations)
+    if config.test_attention == "dilated" and config.method != "none":
+        raise ValueError(f"test_attention dilated needs method none: a model carries one rope_ext method, and dilated "
+                         f"attention rotates with plain RoPE, so it cannot keep {config.method!r}'s frequencies; use "
+                         f"test_attention full, or method none")
+    if config.sequence_parallel > 1:
+        raise ValueError(f"train_attention dilated does not run with sequence_parallel={config.sequence_parallel}: each "
+                         "head keeps the rows equal to its index modulo the dilation, and a Ulysses process holds only "
+                         "some heads; use train_attention s2 or full, or sequence_parallel 1")
 
 
 def _check_str(config: FinetuneConfig, *names: str) -> None:
@@ -147,10 +220,16 @@ HELP = {
     "method": "frequency method of rope_ext (pi, ntk, yarn, llama3, ...)",
     "attn_implementation": "the model's attention (sdpa, eager, flash_attention_2 ...)",
     "model_dtype": "dtype of the loaded weights",
-    "s2_attn": "shifted sparse attention while training",
+    "train_attention": f"attention while training: {', '.join(TRAIN_ATTENTION)} (default s2; full where --no-s2-attn)",
+    "s2_attn": "shifted sparse attention while training (the older switch; --train-attention takes precedence)",
     "group_size_ratio": "S2-Attn group size as a fraction of target_length",
     "shift": "shift half of the heads by half a group",
     "wrap": "the reference's roll: the first half-group of shifted heads attends to the last",
+    "segments": "LongNet segment lengths for --train-attention dilated, e.g. 2048,4096,8192 (default: the trained "
+                "length doubled up to target_length)",
+    "dilations": "LongNet dilations, one per segment, e.g. 1,2,4 (give with --segments)",
+    "test_attention": f"the merged model's attention: {', '.join(TEST_ATTENTION)} (dilated: saved with the dilated "
+                      "method; needs --train-attention dilated and --method none)",
     "lora": "LoRA (else: full fine-tuning)",
     "lora_targets": "linear layers LoRA adapts ('auto': every attention projection)",
     "trainable": "also train (peft modules_to_save) the modules whose parameter names contain these (LongLoRA: embed norm)",
@@ -172,6 +251,8 @@ HELP = {
     "evaluate": "perplexity of the merged model at target_length (rope_ext.eval)",
     "eval_corpus": "held-out text for --evaluate: 'stdlib', a directory, .jsonl or text file",
     "eval_docs": "windows evaluated by --evaluate",
+    "sequence_parallel": "split each sequence over this many processes (DeepSpeed Ulysses; needs `pip install deepspeed`, "
+                         "heads and target_length divisible by it, --num-processes a multiple of it)",
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
@@ -223,7 +304,14 @@ def build_config(recipe: dict[str, Any] | None = None, overrides: dict[str, Any]
         unknown = sorted(set(source) - set(FIELDS))
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
-        values.update({k: v for k, v in source.items() if v is not None})
+        given = {k: v for k, v in source.items() if v is not None}
+        if given.get("s2_attn") is True and given.get("train_attention", "s2") != "s2":
+            raise ValueError(f"s2_attn true contradicts train_attention {given['train_attention']}; give train_attention alone "
+                             "(s2, dilated or full)")
+        for name, other in (("train_attention", "s2_attn"), ("s2_attn", "train_attention")):
+            if name in given and other not in given:
+                values.pop(other, None)  # a later source's choice of training attention replaces an earlier one's
+        values.update(given)
     missing = [name for name in REQUIRED if name not in values]
     if missing:
         raise ValueError(f"missing required setting(s): {', '.join(missing)} (give them in the recipe or as --{missing[0].replace('_', '-')} ...)")
@@ -252,6 +340,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         text = HELP.get(name, name.replace("_", " "))
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text}{default}")
+        elif name in ("train_attention", "test_attention"):
+            choices = TRAIN_ATTENTION if name == "train_attention" else TEST_ATTENTION
+            parser.add_argument(flag, choices=choices, default=None, help=text if f.default is None else f"{text}{default}")
+        elif name in ("segments", "dilations"):
+            parser.add_argument(flag, default=None, metavar="N,N,...", help=text)
         elif name == "method_params":
             parser.add_argument("--method-param", dest=name, action="append", metavar="KEY=VALUE",
                                 help="a parameter of the position method, e.g. beta_fast=32 (repeatable)")

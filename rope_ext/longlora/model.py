@@ -1,4 +1,5 @@
-"""The model side of a LongLoRA fine-tune: load, check, patch (method + S2-Attn), wrap in LoRA with
+"""The model side of a LongLoRA fine-tune: load, check, patch (method + the training attention:
+S2-Attn, LongNet's dilated attention, or none), wrap in LoRA with
 trained copies of the embeddings and norms (peft ``modules_to_save``), and at the end save the peft
 adapter and / or merge it back into a checkpoint that ``rope_ext.load`` restores.
 
@@ -20,6 +21,7 @@ from rope_ext.facts import main_spec, model_specs, trained_length
 from rope_ext.methods import registry
 
 from .config import FinetuneConfig
+from .dilated_pattern import DilatedPattern, dilated_pattern_for
 from .s2attn import S2Attn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,6 +116,36 @@ def method_parameters(config: FinetuneConfig, model: nn.Module) -> dict[str, Any
     return params
 
 
+def training_pattern(config: FinetuneConfig, model: nn.Module) -> S2Attn | DilatedPattern | None:
+    """The attention pattern used in training mode (``rope_ext.patch(..., train_attention=)``): S2-Attn,
+    dilated attention with the recipe's pairs (or the dilated method's defaults for target_length),
+    or None for full attention."""
+    if config.pattern == "s2":
+        return S2Attn(group_size_ratio=config.group_size_ratio, shift=config.shift, wrap=config.wrap)
+    if config.pattern == "full":
+        return None
+    pairs = {"segments": config.segments, "dilations": config.dilations}
+    if config.segments is None:
+        pairs = registry.get("dilated").defaults_for(main_spec(model_specs(model)), config.target_length)
+    return dilated_pattern_for(model, pairs["segments"], pairs["dilations"])
+
+
+def test_method(config: FinetuneConfig, pattern: S2Attn | DilatedPattern | None) -> tuple[str, dict[str, Any]] | None:
+    """("dilated", its parameters) when the merged model is to attend as it trained (``test_attention
+    dilated``): the training pairs plus the recipe's method_params (method none: e.g. logn); checked
+    here. None: the fine-tune's own method, full attention."""
+    from rope_ext.patch import build_method
+
+    if config.test_attention != "dilated" or not isinstance(pattern, DilatedPattern):
+        return None
+    params = {**config.method_params, "segments": pattern.segments, "dilations": pattern.dilations}
+    try:
+        build_method("dilated", params)
+    except TypeError as err:
+        raise ValueError(f"test_attention dilated: {err}") from None
+    return "dilated", params
+
+
 def load_base(config: FinetuneConfig) -> tuple[nn.Module, Any]:
     """The model to fine-tune and its tokenizer, plain (no method applied yet)."""
     model, tokenizer = rope_ext.load(config.model, dtype=DTYPES[config.model_dtype], attn_implementation=config.attn_implementation)
@@ -138,7 +170,7 @@ def _checkpointing(model: nn.Module, enable: bool) -> None:
 
 
 def prepare(config: FinetuneConfig, model: nn.Module) -> nn.Module:
-    """Check everything, then patch the method with S2-Attn for training, enable gradient
+    """Check everything, then patch the method with the training pattern, enable gradient
     checkpointing, and wrap in LoRA (or unfreeze everything). Returns the model to train."""
     trained = trained_length(model.config)
     if config.target_length < trained:
@@ -147,7 +179,8 @@ def prepare(config: FinetuneConfig, model: nn.Module) -> nn.Module:
     params = method_parameters(config, model)
     targets = resolve_targets(model, config.lora_targets) if config.lora else []
     modules = trainable_modules(model, config.trainable, targets) if config.lora else []
-    pattern = S2Attn(group_size_ratio=config.group_size_ratio, shift=config.shift, wrap=config.wrap) if config.s2_attn else None
+    pattern = training_pattern(config, model)
+    test_method(config, pattern)
     rope_ext.patch(model, config.method, train_attention=pattern, **params)
     model.config.use_cache = False
     if config.gradient_checkpointing:
@@ -181,18 +214,23 @@ def save_adapter(model: nn.Module, path: Path) -> Path:
     return Path(path)
 
 
-def merge_and_save(model: nn.Module, tokenizer: Any, path: Path) -> Path:
+def merge_and_save(model: nn.Module, tokenizer: Any, path: Path, method: tuple[str, dict[str, Any]] | None = None) -> Path:
     """Merge a rebuilt model's LoRA adapters into the base weights (peft ``merge_and_unload``, which
     also puts the trained embedding / norm copies in place) and save a plain checkpoint plus
     tokenizer. Its config carries the method: ``rope_ext.load(path)`` restores it, and so does a plain
     transformers load where the method has a native rope_type (pi, ntk, yarn, llama3, dynamic_ntk).
-    The model is merged in place: save its adapter first."""
+    With ``method`` (``test_method``: name, parameters) the merged model is saved with that method
+    instead of the fine-tune's, so that ``rope_ext.load`` applies it. The model is merged in place:
+    save its adapter first."""
     from peft import PeftModel
 
     merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
     _checkpointing(merged, enable=False)
     merged.config.use_cache = True
     merged.eval()
+    if method is not None:
+        rope_ext.unpatch(merged)
+        rope_ext.patch(merged, method[0], **method[1])
     rope_ext.save_pretrained(merged, path)
     tokenizer.save_pretrained(path)
     return path

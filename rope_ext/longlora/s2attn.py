@@ -63,7 +63,7 @@ def grouped_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return torch.cat([pieces[run] for run in runs], dim=1)
 
 
-def _shifted(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: Causal, group_size: int, wrap: bool) -> torch.Tensor:
+def shifted(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: Causal, group_size: int, wrap: bool) -> torch.Tensor:
     """Groups shifted by half a group (Algorithm 1's ``roll`` when ``wrap``) -> (B, L, H, d)."""
     half, length = group_size // 2, query.shape[2]
     if not wrap:
@@ -96,11 +96,11 @@ def shifted_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     if kv_heads % 2 == 0:
         kv_split = kv_heads // 2
         plain = grouped_causal(query[:, :split], key[:, :kv_split], value[:, :kv_split], causal, plain_runs)
-        shifted = _shifted(query[:, split:], key[:, kv_split:], value[:, kv_split:], causal, group_size, wrap)
+        moved = shifted(query[:, split:], key[:, kv_split:], value[:, kv_split:], causal, group_size, wrap)
     else:
         plain = grouped_causal(query, key, value, causal, plain_runs)[:, :, :split]
-        shifted = _shifted(query, key, value, causal, group_size, wrap)[:, :, split:]
-    return torch.cat([plain, shifted], dim=2)
+        moved = shifted(query, key, value, causal, group_size, wrap)[:, :, split:]
+    return torch.cat([plain, moved], dim=2)
 
 
 @dataclass(frozen=True)

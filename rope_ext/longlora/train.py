@@ -1,5 +1,5 @@
-"""The LongLoRA fine-tune loop (Chen et al. 2023, arXiv 2309.12307): S2-Attn + LoRA+ with any
-frequency method, on one process or many through accelerate.
+"""The LongLoRA fine-tune loop (Chen et al. 2023, arXiv 2309.12307): S2-Attn (or LongNet's dilated
+attention, or full attention) + LoRA+ with any frequency method, on one process or many through accelerate.
 
     python -m rope_ext.longlora.train --recipe recipes/lab-128-to-512.yaml --model lab/ --data corpus/
     accelerate launch --cpu --num_processes 2 -m rope_ext.longlora.train --recipe ... # DDP
@@ -35,7 +35,8 @@ from .data import (
     collect_files,
     load_tokens,
 )
-from .model import load_base, merge_and_save, prepare, rebuild, save_adapter
+from .model import load_base, merge_and_save, prepare, rebuild, save_adapter, test_method, training_pattern
+from .sequence_parallel import Place, check_world, enable, shard, shard_loss
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,13 @@ def _truncate_log(path: Path, step: int) -> None:
 @dataclass(frozen=True)
 class Job:
     """What every step of one invocation shares: the settings, accelerate's handle (this process's
-    place among ``world`` processes) and the output directory."""
+    place among ``world`` processes), the output directory and, with sequence parallelism, this
+    process's place in its group (the processes of a group share each sequence)."""
 
     config: FinetuneConfig
     accelerator: Any
     out: Path
+    place: Place | None = None
 
     @property
     def is_main(self) -> bool:
@@ -85,6 +88,15 @@ class Job:
     @property
     def rank(self) -> int:
         return self.accelerator.process_index
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of the data this process reads (the processes of a sequence group read the same)."""
+        return self.place.dp_rank if self.place else self.rank
+
+    @property
+    def data_world(self) -> int:
+        return self.place.dp_world if self.place else self.world
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,7 @@ def train(config: FinetuneConfig) -> Path | None:
     job = start_job(config)
     files, done = check_inputs(job)
     model, tokenizer = build_model(config)
+    split_sequences(job, model)
     data, order = build_data(job, tokenizer, files)
     training = build_training(job, model, data, order)
     start = resume_or_begin(job, training, done)
@@ -121,7 +134,11 @@ def start_job(config: FinetuneConfig) -> Job:
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum)
-    return Job(config, accelerator, Path(config.output_dir))
+    size = config.sequence_parallel
+    if size == 1:
+        return Job(config, accelerator, Path(config.output_dir))
+    check_world(size, accelerator.num_processes)
+    return Job(config, accelerator, Path(config.output_dir), Place(size, accelerator.process_index, accelerator.num_processes))
 
 
 def check_inputs(job: Job) -> tuple[list[Path], list[tuple[int, Path]]]:
@@ -151,6 +168,19 @@ def build_model(config: FinetuneConfig) -> tuple[torch.nn.Module, Any]:
     set_seed(config.seed)
     model, tokenizer = load_base(config)
     return prepare(config, model), tokenizer
+
+
+def split_sequences(job: Job, model: torch.nn.Module) -> None:
+    """With ``sequence_parallel`` N > 1: DeepSpeed Ulysses in the model's attention (registered for
+    this model directly, ``sequence_parallel.enable``), each process then running 1/N of every sequence."""
+    if job.place is None:
+        return
+    config = job.config
+    enable(model, config.sequence_parallel, config.batch_size, config.target_length)
+    if job.is_main:
+        logger.info(f"sequence parallel: each sequence split over {config.sequence_parallel} processes by DeepSpeed Ulysses, "
+                    f"registered with DeepSpeed directly around the attention {model.config._attn_implementation!r} (accelerate's "
+                    "ParallelismConfig accepts only sdpa / flash names and needs the DeepSpeed engine)")
 
 
 def build_data(job: Job, tokenizer: Any, files: list[Path]) -> tuple[PackedSequences, SampleOrder]:
@@ -210,7 +240,7 @@ def run_steps(job: Job, training: Training, start: int, end: int) -> None:
     """Optimizer steps ``start`` .. ``end``: each logged to train_log.jsonl and the progress bar,
     a checkpoint every ``save_every`` steps and after the last."""
     config = job.config
-    tokens_per_step = config.batch_size * config.grad_accum * job.world * config.target_length
+    tokens_per_step = config.batch_size * config.grad_accum * job.data_world * config.target_length
     training.model.train()
     bar = tqdm(total=config.max_steps, initial=start, desc="fine-tuning", unit="step", disable=not job.is_main)
     for step in range(start, end):
@@ -241,10 +271,10 @@ def train_step(job: Job, training: Training, step: int) -> float:
     config, accelerator, model = job.config, job.accelerator, training.model
     total = torch.zeros((), device=accelerator.device)
     for micro in range(config.grad_accum):
-        numbers = batch_numbers(step, micro, config.grad_accum, job.rank, job.world, config.batch_size)
+        numbers = batch_numbers(step, micro, config.grad_accum, job.data_rank, job.data_world, config.batch_size)
         batch = training.data.batch([training.order(n) for n in numbers]).to(accelerator.device)
         with accelerator.accumulate(model):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = causal_lm_loss(job, model, batch)
             if accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="sum").item() < job.world:
                 raise FloatingPointError(f"fine-tuning: the loss became non-finite ({loss.item()}) at step {step + 1}")
             accelerator.backward(loss)
@@ -256,6 +286,16 @@ def train_step(job: Job, training: Training, step: int) -> float:
             training.optimizer.zero_grad()
         total += loss.detach()
     return accelerator.reduce(total / config.grad_accum, reduction="mean").item()
+
+
+def causal_lm_loss(job: Job, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of ``batch``; with sequence parallelism this process's term of it
+    (``sequence_parallel.shard_loss``: gradients averaged over the processes, as DDP does, give the
+    whole sequences' gradient)."""
+    if job.place is None:
+        return model(input_ids=batch, labels=batch).loss
+    tokens, positions, labels = shard(batch, job.place)
+    return shard_loss(model(input_ids=tokens, position_ids=positions).logits, labels, job.place, batch.shape[1])
 
 
 def log_step(path: Path, record: dict[str, Any], bar: tqdm) -> None:
@@ -294,7 +334,7 @@ def finish(job: Job, model: torch.nn.Module, end: int) -> Path | None:
         if config.save_adapter:
             logger.info(f"saved the adapter to {save_adapter(trained, job.out / 'adapter')}")
         if config.merge:
-            merge_and_save(trained, tokenizer, result)
+            merge_and_save(trained, tokenizer, result, test_method(config, training_pattern(config, trained)))
             logger.info(f"saved the fine-tuned model to {result}")
             if config.evaluate:
                 evaluate(config, result)
@@ -303,7 +343,8 @@ def finish(job: Job, model: torch.nn.Module, end: int) -> Path | None:
 
 
 def evaluate(config: FinetuneConfig, path: Path) -> float:
-    """Perplexity of the merged model (as ``rope_ext.load`` restores it, full attention) at the
+    """Perplexity of the merged model (as ``rope_ext.load`` restores it: full attention, or dilated with
+    ``test_attention dilated``) at the
     target length on ``eval_corpus``'s held-out split, through the eval harness; results go to
     ``<output_dir>/eval``."""
     from rope_ext import load

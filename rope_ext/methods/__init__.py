@@ -1,5 +1,5 @@
 """Length-extrapolation methods: one registry, one small file per family of formulas."""
-from . import alibi, frequency, rerope, self_extend  # noqa: F401  (registration)
+from . import alibi, dilated, frequency, rerope, self_extend  # noqa: F401  (registration)
 from .base import Method
 from .context import AttentionContext, CachePolicy
 from .registry import REGISTRY, get, names, register
