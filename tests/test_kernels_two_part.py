@@ -4,7 +4,8 @@ reference ``rope_ext.kernels.two_part_reference.two_part_attention`` on random i
 Tolerance: float32 1e-5 (both sides sum the same terms in a different order); bfloat16 2e-2
 (each side rounds its partial outputs to bf16). Cases: windows 1, small, and >= the length; GQA,
 MQA and plain heads; padding masks with HF's left-padding positions; packed rows whose positions
-restart; decode (Lq = 1 with a cache) and chunked prefill (1 < Lq < Lk); several query blocks.
+restart; decode (Lq = 1 with a cache) and chunked prefill (1 < Lq < Lk); several query blocks;
+the banded CPU path (``banded_causal``) by near blocks and far chunks of every alignment.
 These run on CPU tensors (the math); ``test_gpu_merged_equals_reference`` runs CUDA's flash /
 memory-efficient SDPA at model sizes on ``kernel_device()`` where CUDA is present.
 """
@@ -14,7 +15,9 @@ import pytest
 import torch
 
 from rope_ext.kernels.two_part_merged import (
+    BLOCK_SIZE,
     _eager_lse,
+    banded_causal,
     merge,
     sdpa_lse,
     two_part_attention_merged,
@@ -105,9 +108,38 @@ def test_packed_rows_with_restarting_positions(masked):
     torch.testing.assert_close(got, ref, **F32)
 
 
+@pytest.mark.parametrize("window", [1, 16, 37, 300])
+@pytest.mark.parametrize("sizes", [(8, 24), (13, 50), (16, 16), (64, 1000)], ids=lambda s: f"block{s[0]}-far{s[1]}")
+@pytest.mark.parametrize("Lq", [200, 77])
+def test_banded_blocks_and_chunks_equal_reference(window, sizes, Lq):
+    """The banded CPU path by near blocks and far chunks of every alignment (chunks that are not a
+    multiple of the block, chunks starting before and after the first query with a far key, rows
+    whose far keys all lie before the chunk), prefill (Lq = Lk) and chunked prefill (Lq < Lk)."""
+    block_size, far_block = sizes
+    tensors = inputs(2, 6, 2, Lq, 200, 8, seed=window + Lq)
+    q_pos, k_pos = aligned_positions(2, Lq, 200, start=3)
+    got = banded_causal(*tensors[:5], window, 0.4, block_size, far_block)
+    ref = two_part_attention(*tensors, q_pos, k_pos, window, None, 0.4, None, 512)
+    assert got.shape == ref.shape == (2, Lq, 6, 8)
+    torch.testing.assert_close(got, ref, **F32)
+
+
+def test_merged_takes_the_banded_path_on_aligned_prefill():
+    """On aligned, unmasked CPU prefill the public function returns the banded path's result
+    (a (B, Lq, H, d) view of a (B, H, Lq, d) buffer) and equals the reference."""
+    tensors = inputs(1, 4, 1, 300, 300, 16, seed=11)
+    got, ref = both(tensors, *aligned_positions(1, 300, 300), 40)
+    assert got.stride()[1] == 16 and got.stride()[2] == 300 * 16  # rows within a head are adjacent
+    torch.testing.assert_close(got, ref, **F32)
+    torch.testing.assert_close(got, banded_causal(*tensors, 40, 0.35, 512), rtol=0, atol=0)
+
+
 def test_bfloat16_and_value_dim():
     tensors = inputs(1, 4, 2, 33, 33, 16, dtype=torch.bfloat16, seed=5)
     got, ref = both(tensors, *aligned_positions(1, 33, 33), 6, block_size=16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    got = banded_causal(*tensors, 6, 0.35, 8, 12)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
     tensors = inputs(1, 2, 2, 9, 9, 8, dv=12, seed=6)
@@ -148,8 +180,10 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match=r"k/v must be \(B=1, Hkv dividing 3, Lk >= 4, d\); got \(1, 2, 4, 8\)"):
         two_part_attention_merged(*tensors, *aligned_positions(1, 4, 4), 2, None, 0.3)
     tensors = inputs(1, 4, 2, 4, 4, 8)
-    with pytest.raises(ValueError, match="window and block_size must be ints >= 1, got window=0, block_size=512"):
+    with pytest.raises(ValueError, match=f"window and block_size must be ints >= 1, got window=0, block_size={BLOCK_SIZE}"):
         two_part_attention_merged(*tensors, *aligned_positions(1, 4, 4), 0, None, 0.3)
+    with pytest.raises(ValueError, match="banded_causal needs .* got q \\(1, 4, 4, 8\\) on cpu, k \\(1, 2, 4, 8\\), v \\(1, 2, 4, 8\\), window=2, block_size=0"):
+        banded_causal(*tensors, 2, 0.3, 0)
     with pytest.raises(ValueError, match=r"q_pos must be \(1, 4\)"):
         two_part_attention_merged(*tensors, torch.arange(3)[None], torch.arange(4)[None], 2, None, 0.3)
 

@@ -6,11 +6,16 @@ softmax over all keys splits into a softmax over the near keys (near q/k) and on
 (far q/k), recombined with their log-sum-exps (the merge used by flash-decoding and blockwise /
 ring attention):
     out_i = (e^{l1_i - m} o1_i + e^{l2_i - m} o2_i) / (e^{l1_i - m} + e^{l2_i - m}),  m = max(l1_i, l2_i).
-Queries are processed in blocks; the near call of block [s, e) reads only the keys
-[s + offset - w + 1, e + offset) when positions follow the key index (checked once per call), so
-the near part costs O(L * w). The far part is one causal SDPA call on the shifted square
-(queries [w - offset, Lq) x keys [0, Lq + offset - w)) when positions are aligned and there is no
-padding mask; otherwise a masked SDPA call per block. Equal to the reference to float rounding.
+With positions following the key index, no padding mask and torch's CPU flash kernel (which
+returns the log-sum-exp and takes GQA keys as they are), ``banded_causal`` runs: the near part by
+query blocks over the band of keys the window can reach (O(L * (w + block))), the far part by
+chunks of query rows (a causal call on its shifted square plus an unmasked call on the keys every
+row of the chunk sees as far), each merged in place into one output buffer: about plain causal
+SDPA's work plus the band, and its memory plus a chunk (benchmarks/rerope_attention.py). Otherwise
+(padding masks, packed rows, CUDA, dv != d) the near call of each query block reads the keys
+[s + offset - w + 1, e + offset) (or from 0 where positions leak), and the far part is one causal
+call on the shifted square when aligned, else a masked call per block. Equal to the reference to
+float rounding.
 
 SDPA has no logit softcap: with ``softcap`` (Gemma 2) this falls back to the reference; so does
 training (autograd enabled on inputs that need grad), since the blocks write into one output buffer.
@@ -20,6 +25,11 @@ from __future__ import annotations
 import torch
 
 from .two_part_reference import two_part_attention
+
+BLOCK_SIZE = 64  # query rows per near block: the band costs L * (window + block); at 8k its calls took
+                 # 0.139 / 0.149 / 0.168 s with 64 / 128 / 256 rows (1 thread; 2 threads alike)
+FAR_CHUNKS = 8  # the far part runs in about this many row chunks: its temporary is ~1/8 of the output
+FAR_MIN_ROWS = 768  # >= 768 query rows keeps torch's CPU flash kernel on its 256-row tiles
 
 
 def _eager_lse(q, k, v, mask, causal, scaling):
@@ -124,11 +134,12 @@ def two_part_attention_merged(
     allowed: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
-    block_size: int = 512,
+    block_size: int = BLOCK_SIZE,
 ) -> torch.Tensor:
     """Same contract and result as ``two_part_reference.two_part_attention`` (see there): q_*
     (B, H, Lq, d), k_* and value (B, Hkv, Lk, d) with Hkv dividing H, keys index-aligned with the
-    queries (the last Lq keys are theirs); returns (B, Lq, H, dv)."""
+    queries (the last Lq keys are theirs); returns (B, Lq, H, dv), on the banded CPU path a view of
+    a (B, H, Lq, dv) buffer (as SDPA's own output; transformers reshapes it into a new tensor)."""
     _check(q_near, k_near, q_far, k_far, value, q_pos, k_pos, window, block_size)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_near, k_near, q_far, k_far, value))
     if softcap is not None or needs_grad:
@@ -137,29 +148,110 @@ def two_part_attention_merged(
     aligned = _aligned(q_pos, k_pos, offset)
     if q_near.shape[2] == 1 and aligned and allowed is None:
         return _decode_step(q_near, k_near, q_far, k_far, value, window, scaling)
+    fused = _fused_cpu(q_near, value)
+    if aligned and allowed is None and fused:
+        return banded_causal(q_near, k_near, q_far, k_far, value, window, scaling, block_size)
     group = q_near.shape[1] // k_near.shape[1]
-    kn, kf, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k_near, k_far, value))
-    out, lse_far, far_done = _far_square(q_far, kf, v, window, offset, scaling, aligned and allowed is None)
-    _query_blocks(q_near, kn, q_far, kf, v, q_pos, k_pos, window, allowed, scaling, block_size, aligned, out,
-                  lse_far if far_done else None)
-    return out.transpose(1, 2).contiguous()
+    kn, kf, v = (t.repeat_interleave(group, dim=1) if group > 1 and not fused else t for t in (k_near, k_far, value))
+    out = value.new_empty(q_near.shape[0], q_near.shape[2], q_near.shape[1], value.shape[-1])
+    heads = out.transpose(1, 2)
+    lse_far = _far_square(q_far, kf, v, window, offset, scaling, aligned and allowed is None, heads)
+    _query_blocks(q_near, kn, q_far, kf, v, q_pos, k_pos, window, allowed, scaling, block_size, aligned, heads, lse_far)
+    return out
 
 
-def _far_square(q_far, kf, v, window: int, offset: int, scaling: float, plain: bool):
-    """(out, far lse, done): with aligned positions and no padding mask, every query's far keys
-    [0, i + offset - window] form one shifted causal square (or one query seeing all of its far
-    keys): one SDPA call, its output written into ``out``. Otherwise nothing is done here."""
-    B, H, Lq, _ = q_far.shape
-    out = torch.empty(B, H, Lq, v.shape[-1], dtype=v.dtype, device=v.device)
-    lse_far = torch.full((B, H, Lq), float("-inf"), device=v.device)
+def _fused_cpu(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """True where ``sdpa_lse`` runs torch's CPU flash kernel (which takes GQA keys as they are)."""
+    return q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
+
+
+def banded_causal(q_near, k_near, q_far, k_far, value, window: int, scaling: float, block_size: int = BLOCK_SIZE,
+                  far_block: int | None = None) -> torch.Tensor:
+    """Two-part attention for positions following the key index and no padding mask, on CPU:
+    returns (B, Lq, H, d) as a view of one (B, H, Lq, d) buffer (transformers reshapes it anyway).
+
+    Far part, by chunks of ``far_block`` query rows [s, e) (key indices [S, E) = [s, e) + offset):
+    a causal call on the keys [S - w, E - w) and, when S > w, an unmasked call on the keys [0, S - w)
+    that every query of the chunk sees as far; near part, by blocks of ``block_size`` rows: one call
+    on the band [S - w + 1, E) under a float mask (O(L * (w + block))). Each result is merged in
+    place into the output rows by log-sum-exp: no repeated KV heads, no full-size temporary."""
+    B, H, Lq, _ = q_near.shape
+    offset = k_near.shape[2] - Lq
+    if not _fused_cpu(q_near, value) or offset < 0 or H % k_near.shape[1] or min(window, block_size, far_block or 1) < 1:
+        raise ValueError(f"banded_causal needs CPU tensors with dv == d, Lk >= Lq, Hkv dividing H, window, block_size and far_block "
+                         f">= 1; got q {tuple(q_near.shape)} on {q_near.device}, k {tuple(k_near.shape)}, v {tuple(value.shape)}, "
+                         f"window={window}, block_size={block_size}, far_block={far_block}")
+    if far_block is None:  # whole near blocks per chunk
+        far_block = -(-max(FAR_MIN_ROWS, -(-Lq // FAR_CHUNKS)) // block_size) * block_size
+    out = value.new_empty(B, H, Lq, value.shape[-1])
+    lse = torch.empty(B, H, Lq, device=value.device)
+    q0 = min(Lq, max(0, window - offset))  # queries before q0 have no far key
+    band = _band_mask(min(block_size, Lq), window, q_near.dtype)
+    for c in range(0, Lq, far_block):
+        end = min(c + far_block, Lq)
+        if max(c, q0) < end:
+            _far_chunk(q_far, k_far, value, max(c, q0), end, offset, window, scaling, out, lse)
+        for s in range(c, end, block_size):
+            _near_block(q_near, k_near, value, s, min(s + block_size, end), offset, window, scaling, q0, out, lse, band)
+    return out.transpose(1, 2)
+
+
+def _far_chunk(q_far, k_far, value, s: int, e: int, offset: int, window: int, scaling: float, out, lse) -> None:
+    """Far part of query rows [s, e) (each has a far key) into ``out`` / ``lse``: the causal square
+    first, then the keys every row sees as far, merged in place (one chunk-sized temporary at a time)."""
+    first, stop = s + offset - window, e + offset - window
+    o, l = _flash(q_far[:, :, s:e], k_far[:, :, first:stop], value[:, :, first:stop], None, True, scaling)
+    out[:, :, s:e], lse[:, :, s:e] = o, l
+    del o
+    if first > 0:
+        o, l = _flash(q_far[:, :, s:e], k_far[:, :, :first], value[:, :, :first], None, False, scaling)
+        merge(o, l, out[:, :, s:e], lse[:, :, s:e], out=out[:, :, s:e])
+        torch.logaddexp(l, lse[:, :, s:e], out=lse[:, :, s:e])
+
+
+def _near_block(q_near, k_near, value, s: int, e: int, offset: int, window: int, scaling: float, q0: int,
+                out, lse, band: torch.Tensor) -> None:
+    """Near part of query rows [s, e) over the band [S - w + 1, E) (``band`` masks it, cut to the
+    keys that exist); rows from ``q0`` on merge with the far part already in ``out``, rows before it
+    are the near result alone."""
+    S, E = s + offset, e + offset
+    lo = max(0, S - window + 1)
+    cut = lo - (S - window + 1)
+    mask = band[..., : e - s, cut:cut + E - lo]
+    o_n, l_n = _flash(q_near[:, :, s:e], k_near[:, :, lo:E], value[:, :, lo:E], mask, False, scaling)
+    split = min(max(q0, s), e)
+    if split > s:
+        out[:, :, s:split] = o_n[:, :, : split - s]
+    if split < e:
+        merge(o_n[:, :, split - s:], l_n[:, :, split - s:], out[:, :, split:e], lse[:, :, split:e], out=out[:, :, split:e])
+
+
+def _band_mask(rows: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, rows, window + rows - 1) additive mask of a near block: query r sees the keys
+    t in [r, r + window) (its key index minus window + 1 up to its own)."""
+    rel = torch.arange(rows)[:, None] + window - 1 - torch.arange(window + rows - 1)[None]
+    return _additive(((rel >= 0) & (rel < window))[None, None], dtype)
+
+
+def _flash(q, k, v, mask, causal: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU flash kernel: (out, lse); every row must see at least one key."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scaling)
+
+
+def _far_square(q_far, kf, v, window: int, offset: int, scaling: float, plain: bool, heads: torch.Tensor) -> torch.Tensor | None:
+    """With aligned positions and no padding mask, every query's far keys [0, i + offset - window]
+    form one shifted causal square (or one query seeing all of its far keys): one SDPA call written
+    into ``heads`` (B, H, Lq, dv); returns its lse, or None when the blocks must do the far part."""
+    Lq = q_far.shape[2]
     n_far = Lq + offset - window
     if not plain or not (n_far <= Lq or Lq == 1):
-        return out, lse_far, False
+        return None
+    lse_far = torch.full(q_far.shape[:3], float("-inf"), device=v.device)
     q0 = min(Lq, max(0, Lq - n_far))  # queries before q0 have no far key
-    out[:, :, :q0].zero_()
+    heads[:, :, :q0].zero_()
     if q0 < Lq:
-        out[:, :, q0:], lse_far[:, :, q0:] = sdpa_lse(q_far[:, :, q0:], kf[:, :, :n_far], v[:, :, :n_far], None, n_far <= Lq, scaling)
-    return out, lse_far, True
+        heads[:, :, q0:], lse_far[:, :, q0:] = sdpa_lse(q_far[:, :, q0:], kf[:, :, :n_far], v[:, :, :n_far], None, n_far <= Lq, scaling)
+    return lse_far
 
 
 def _query_blocks(q_near, kn, q_far, kf, v, q_pos, k_pos, window: int, allowed, scaling: float, block_size: int,

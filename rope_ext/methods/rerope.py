@@ -91,11 +91,14 @@ class WindowedMethod(Method):
         else:
             k_near = torch.cat([key[:, :, :start], ctx.rotate(key[:, :, start:], ctx.k_pos[:, start:], "k_near")], dim=2)
         fq, fk = self.far_positions(ctx.q_pos, ctx.k_pos)
-        q_far = ctx.rotate(query, fq, "q_far")
-        if self.far_keys_unrotated and ctx.frequencies()[1] == 1.0:
-            k_far = key
+        unrotated = self.far_keys_unrotated and ctx.frequencies()[1] == 1.0
+        if unrotated and query.numel() > key.numel():
+            # far queries all at w: (R(w) q) . k = q . (R(-w) k); rotate the smaller side (GQA prefill: k)
+            q_far, k_far = query, ctx.rotate(key, torch.full_like(ctx.k_pos, -self.window), "k_far_folded")
+        elif unrotated:
+            q_far, k_far = ctx.rotate(query, fq, "q_far"), key
         else:
-            k_far = ctx.rotate(key, fk, "k_far")
+            q_far, k_far = ctx.rotate(query, fq, "q_far"), ctx.rotate(key, fk, "k_far")
         allowed = None if ctx.mask is None else ctx.allowed()
         return TWO_PART_KERNELS[ctx.two_part_impl](q_near, k_near, q_far, k_far, value, ctx.q_pos, ctx.k_pos,
                                                    self.window, allowed, ctx.scaling, ctx.softcap)
