@@ -4,6 +4,7 @@ perplexity with attention sinks, the train-short lab, resumable JSONL results an
     from rope_ext import eval as rx
     records = rx.perplexity(model, tokenizer, ["1x", "4x", "16x"], ["none", "yarn", "rerope"], run_dir="runs/x")
     rx.passkey(model, tokenizer, ["1x", "4x"], ["none", "rerope"], trials=20, run_dir="runs/x")
+    rx.ruler(model, tokenizer, ["1x", "4x"], ["none", "yarn"], ["niah_multikey", "variable_tracking"], cases=20, run_dir="runs/x")
     rx.stream_perplexity(model, tokenizer, ["dense", "sinks", "sliding"], length="64x", sinks=4, cache_window=60, run_dir="runs/x")
     rx.write_report("runs/x")
 
@@ -11,7 +12,8 @@ Methods are names + parameter dicts handed to ``rope_ext.patch``; the harness kn
 them. See each function's docstring.
 
 When lm-eval (the optional ``eval`` extra) is importable, importing this package registers lm-eval's
-model type ``rope_ext`` and the tasks rope_ext_passkey, rope_ext_passkey_classic and rope_ext_ppl
+model type ``rope_ext`` and the tasks rope_ext_passkey, rope_ext_passkey_classic, rope_ext_ppl and the
+RULER-style rope_ext_ruler_* (tag rope_ext_ruler)
 (``rope_ext.eval.lm_eval_tasks.register``), so ``lm_eval.simple_evaluate(model="rope_ext", ...,
 tasks=["rope_ext_passkey"])`` works with no other import.
 """
@@ -23,6 +25,7 @@ from .lab_passkey import PasskeyLabConfig, cached_finetune_passkey, finetune_pas
 from .passkey import passkey
 from .ppl import perplexity, sliding_nll, token_nll
 from .report import write_report
+from .ruler import ruler
 from .results import ResultStore, RunDir
 from .runner import choose_threads, set_threads
 from rope_ext.lengths import parse_lengths
@@ -60,6 +63,7 @@ __all__ = [
     "plan",
     "pretrain",
     "resolve",
+    "ruler",
     "separated",
     "set_threads",
     "sliding_nll",

@@ -4,9 +4,11 @@ context, so that every method can be measured at 16x and more of the trained len
 ``pretrain(LabConfig(...), out)`` trains on the offline corpus (train split) and saves a normal HF
 checkpoint (``save_pretrained``, safetensors) with the byte tokenizer; the trained length is the
 config's ``max_position_embeddings``. The position encoding is a choice: RoPE with any base, ALiBi or
-NoPE; the last two are trained through ``rope_ext.patch(model, "alibi" | "nope")`` and the saved
-config carries the ``rope_ext`` block that ``rope_ext.load`` re-applies. ``lab.json`` beside the
-weights records how it was trained (written last: a directory without it is an unfinished run).
+NoPE (trained through ``rope_ext.patch(model, "alibi" | "nope")``; the saved config carries the
+``rope_ext`` block that ``rope_ext.load`` re-applies), or a train-time encoding of
+``rope_ext.eval.encodings`` with its ``pe_params`` (installed on the fresh model; ``load_lab``
+rebuilds the model from lab.json, installs it again and loads the weights strictly). ``lab.json``
+beside the weights records how it was trained (written last: a directory without it is an unfinished run).
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ from tqdm.auto import tqdm
 import rope_ext
 from rope_ext.validate import MAX_ALIBI_BIAS, MAX_BASE, MAX_COUNT, MAX_SEED, integer, number
 
+from . import encodings
 from .corpus import load_corpus
 from .tokens import byte_tokenizer, encode, is_byte_tokenizer
 
 POSITIONS = ("rope", "alibi", "nope")
 LAB_FILE = "lab.json"
+ENCODING_ATTRIBUTE = "lab_encoding"  # the Encoding installed on a lab model (build_model)
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,22 @@ class LabConfig:
     weight_decay: float = 0.1
     seed: int = 0
     corpus: str = "stdlib"
+    pe_params: tuple[tuple[str, Any], ...] = ()  # (name, value) pairs of the encoding ``position`` names
 
     def __post_init__(self) -> None:
+        if self.position not in positions():
+            raise ValueError(f"position must be one of {', '.join(positions())}, got {self.position!r}")
+        if not isinstance(self.pe_params, tuple) or not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                                                             for p in self.pe_params):
+            raise ValueError(f"pe_params must be a tuple of (name, value) pairs, got {self.pe_params!r}")
+        names = [name for name, _ in self.pe_params]
+        if len(set(names)) < len(names):
+            raise ValueError(f"pe_params names a parameter twice: {names}")
+        if self.position in POSITIONS and self.pe_params:
+            raise ValueError(f"pe_params {dict(self.pe_params)} are for the encodings {', '.join(encodings.names())}; "
+                             f"position {self.position!r} takes none (use rope_theta / max_bias)")
         if self.position not in POSITIONS:
-            raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
+            encodings.build(self.position, dict(self.pe_params))
         for name in ("layers", "hidden", "heads", "intermediate", "steps", "batch", "warmup"):
             integer(getattr(self, name), name, minimum=0 if name == "warmup" else 1, maximum=MAX_COUNT)
         integer(self.context, "context", minimum=8, maximum=MAX_COUNT)
@@ -69,12 +85,21 @@ class LabConfig:
 
     def key(self) -> str:
         """A short stable id of this configuration (the cache directory name)."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if not self.pe_params:
+            del fields["pe_params"]  # keys of configs from before pe_params existed stay as they were
+        blob = json.dumps(fields, sort_keys=True)
         return f"lm-{self.position}-T{self.context}-s{self.seed}-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def positions() -> tuple[str, ...]:
+    """Every value ``LabConfig.position`` accepts: rope, alibi, nope and the registered encodings."""
+    return POSITIONS + tuple(encodings.names())
+
+
 def build_model(cfg: LabConfig, vocab_size: int) -> torch.nn.Module:
-    """A freshly initialised LlamaForCausalLM for ``cfg`` (patched with ALiBi / NoPE when asked)."""
+    """A freshly initialised LlamaForCausalLM for ``cfg`` (patched with ALiBi / NoPE, or with the
+    encoding ``cfg.position`` installed, when asked)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -89,7 +114,16 @@ def build_model(cfg: LabConfig, vocab_size: int) -> torch.nn.Module:
         rope_ext.patch(model, "alibi", max_bias=float(cfg.max_bias))
     elif cfg.position == "nope":
         rope_ext.patch(model, "nope")
+    elif cfg.position != "rope":
+        encoding = encodings.build(cfg.position, dict(cfg.pe_params))
+        encoding.install(model)
+        setattr(model, ENCODING_ATTRIBUTE, encoding)
     return model
+
+
+def trained_encoding(model: torch.nn.Module) -> encodings.Encoding | None:
+    """The train-time encoding a lab model was built with (``build_model`` / ``load_lab``), or None."""
+    return getattr(model, ENCODING_ATTRIBUTE, None)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -199,14 +233,77 @@ def _saved_byt5(path: Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("tokenizer_class") == "ByT5Tokenizer"
 
 
-def load_lab(path: str | Path) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) of a lab checkpoint, through ``rope_ext.load`` (which restores ALiBi / NoPE).
-    A checkpoint saved with ByT5Tokenizer gets ``byte_tokenizer()`` instead: the same ids, no EOS
-    appended to a prompt."""
+def _lm_fields(path: Path) -> dict[str, Any] | None:
+    """lab.json's LabConfig fields of the LM a finished checkpoint was trained as: ``config`` (an LM) or
+    ``lm_config`` (a passkey fine-tune); None when it records neither (a passkey checkpoint saved
+    before ``lm_config``)."""
+    record = json.loads((path / LAB_FILE).read_text())
+    return record.get("config") if record.get("kind") == "lm" else record.get("lm_config")
+
+
+def lab_config(path: str | Path) -> LabConfig | None:
+    """The LabConfig of the LM a finished checkpoint was trained as (see ``_lm_fields``), or None."""
+    fields = _lm_fields(Path(path))
+    if fields is None:
+        return None
+    return LabConfig(**{**fields, "pe_params": tuple((name, _frozen(value)) for name, value in fields.get("pe_params", ()))})
+
+
+def _frozen(value: Any) -> Any:
+    """A JSON value with its lists made tuples (pe_params stay hashable)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def load_weights(model: torch.nn.Module, file: Path) -> None:
+    """Load ``file`` (safetensors) into ``model`` strictly: a key missing (other than a tied alias of
+    a saved one, such as lm_head of tied embeddings) or unexpected is a ValueError naming them."""
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise FileNotFoundError(f"lab checkpoint weights {str(file)!r} not found")
+    saved = load_file(file)
+    state = model.state_dict()
+    stored = {state[k].data_ptr() for k in saved if k in state}
+    missing = sorted(k for k in state if k not in saved and state[k].data_ptr() not in stored)
+    unexpected = sorted(set(saved) - set(state))
+    if missing or unexpected:
+        raise ValueError(f"{str(file)!r} does not match the lab model its lab.json describes: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    model.load_state_dict(saved, strict=False)
+
+
+def load_lab(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of a lab checkpoint. RoPE / ALiBi / NoPE through ``rope_ext.load`` (which
+    restores ALiBi / NoPE); a train-time encoding by rebuilding the model from config.json + lab.json,
+    installing the encoding and loading model.safetensors strictly. A checkpoint saved with
+    ByT5Tokenizer gets ``byte_tokenizer()`` instead: the same ids, no EOS appended to a prompt."""
+    from transformers import AutoTokenizer
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"lab checkpoint {str(path)!r} not found")
-    model, tokenizer = rope_ext.load(path)
+    fields = _lm_fields(path) if is_complete(path) else None
+    if fields is None or fields.get("position", "rope") in POSITIONS:
+        model, tokenizer = rope_ext.load(path, dtype=dtype)
+    else:
+        cfg = lab_config(path)
+        vocab_size = json.loads((path / "config.json").read_text())["vocab_size"]
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(cfg, vocab_size)
+        load_weights(model, path / "model.safetensors")
+        model = model.to(dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if _saved_byt5(path) and is_byte_tokenizer(tokenizer):
         tokenizer = byte_tokenizer()
     return model, tokenizer
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) for the harness: a finished lab checkpoint (lab.json) through ``load_lab``, so a
+    train-time encoding is rebuilt with its learned weights; anything else through ``rope_ext.load``."""
+    if Path(name_or_path).is_dir() and is_complete(name_or_path):
+        if attn_implementation != "sdpa":
+            raise ValueError(f"attn_implementation={attn_implementation!r}: a lab checkpoint runs with its own attention "
+                             "(sdpa, or its position encoding's); leave attn_implementation out")
+        return load_lab(name_or_path, dtype=dtype)
+    return rope_ext.load(name_or_path, dtype=dtype, attn_implementation=attn_implementation)

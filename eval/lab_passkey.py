@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .lab import is_complete, load_lab, save_lab, train_loop
+from .lab import is_complete, lab_config, load_lab, save_lab, train_loop
 from .passkey import FORMATS, build_prompt, filler_stream
 from .spec import trained_length
 
@@ -86,7 +86,9 @@ def passkey_loss(answer_weight: float, stats: dict):
 
 
 def finetune_passkey(init: str | Path, cfg: PasskeyLabConfig, out: str | Path) -> Path:
-    """Fine-tune the lab LM at ``init`` on compact passkey windows of its trained length; save to ``out``."""
+    """Fine-tune the lab LM at ``init`` on compact passkey windows of its trained length; save to ``out``
+    (lab.json's ``lm_config``: the LM's LabConfig, so that ``load_lab`` rebuilds its position encoding)."""
+    lm = lab_config(init) if is_complete(init) else None
     model, tokenizer = load_lab(init)
     length = trained_length(model.config)
     stats: dict = {}
@@ -98,6 +100,8 @@ def finetune_passkey(init: str | Path, cfg: PasskeyLabConfig, out: str | Path) -
     record = {"kind": "passkey", "config": dataclasses.asdict(cfg), "init": str(init), "trained_length": length,
               "final_loss": sum(losses[-20:]) / len(losses[-20:]), "train_exact_last20": sum(exact[-20:]) / len(exact[-20:]),
               "train_seconds": round(time.time() - start, 1), "threads": torch.get_num_threads()}
+    if lm is not None:
+        record["lm_config"] = dataclasses.asdict(lm)
     return save_lab(model, tokenizer, Path(out), record)
 
 

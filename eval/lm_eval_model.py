@@ -36,7 +36,9 @@ import rope_ext
 from rope_ext.facts import rope_spec
 from rope_ext.methods import registry
 
+from .lab import load_model
 from .lm_eval_tasks import MODEL_NAME
+from .runner import loaded_method
 from .spec import parse_value, resolve, trained_length
 
 HFLM_ARGS = ("batch_size", "max_batch_size", "truncation", "logits_cache", "add_bos_token", "prefix_token_id",
@@ -87,11 +89,11 @@ def pick_device(device: str | None) -> torch.device:
 def apply_method(model: torch.nn.Module, method: str, params: dict[str, Any]) -> None:
     """``rope_ext.patch`` with lm-eval's conventions: "none" without parameters leaves the model as
     loaded; a model loaded with its own position encoding (ALiBi / NoPE) takes no other method."""
-    native = rope_ext.current(model)
+    native = loaded_method(model)
     if method == "none" and not params:
         return
     if native is not None:
-        raise ValueError(f"this model was trained with {native.name}; only method=none (the model as loaded) applies to it, not {method!r}")
+        raise ValueError(f"this model was trained with {native}; only method=none (the model as loaded) applies to it, not {method!r}")
     try:
         rope_ext.patch(model, method, **params)
     except TypeError as err:
@@ -128,7 +130,7 @@ class RopeExtLM(HFLM):
             raise ValueError(f"max_length must be an integer >= 2 (tokens), got {max_length!r}")
         chosen = pick_device(None if device is None else str(device))
 
-        model, tokenizer = rope_ext.load(str(pretrained), **load_args)
+        model, tokenizer = load_model(str(pretrained), **load_args)
         trained = trained_length(model.config)
         self.trained_length = trained
         max_length = implied_length(args, trained) if max_length is None else max_length

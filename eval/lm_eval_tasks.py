@@ -25,6 +25,16 @@ pass it in metadata when the model is not ``rope_ext``). A length longer than th
 prompt that re-tokenizes (text -> tokens, as lm-eval does) too long to leave room for the answer:
 lm-eval would cut the prompt from the left, key and all.
 
+rope_ext_ruler_niah_multikey, rope_ext_ruler_niah_multivalue, rope_ext_ruler_variable_tracking and
+rope_ext_ruler_common_words (generate_until; tag ``rope_ext_ruler`` runs all four): the RULER-style
+tasks of ``rope_ext.eval.ruler_tasks``, one document per question (its prompt = the shared context +
+the question: lm-eval does not reuse the cache as ``rope-ext eval ruler`` does), built with the seeds
+of ``rope-ext eval ruler`` so both ask the same questions. Each document generates as many tokens as
+its expected answer (``RulerTask``). Metrics: ``score`` (RULER's string match: the fraction of the
+expected values in the answer) and ``score@L`` per requested length. Metadata keys: ruler_lengths
+("1x,2x,4x" by default), ruler_cases (10 questions per length), ruler_seed (0), ruler_depths (the
+multi-key needle depths, [0, 0.25, 0.5, 0.75, 1]). Documents are ordered case, then length.
+
 rope_ext_ppl (loglikelihood_rolling; word_perplexity, byte_perplexity, bits_per_byte): one document
 per file of ``ppl_corpus`` ("stdlib" = the held-out split of the standard library's source, or a local
 text / .jsonl file or directory, see ``rope_ext.eval.corpus``), ``ppl_split`` ("eval" by default),
@@ -50,6 +60,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from lm_eval.api.task import ConfigurableTask
 
 from rope_ext.lengths import parse_lengths
@@ -67,6 +78,7 @@ PASSKEY_KEYS = ("passkey_lengths", "passkey_depths", "passkey_trials", "passkey_
 # Tokens generated per prompt: the answer's length (compact "NNNNN"; classic " NNNNN", a byte or a
 # BPE space token more). The tasks' YAML max_gen_toks must say the same (a test checks it).
 GEN_TOKENS = {"compact": 5, "classic": 6}
+RULER_KEYS = ("ruler_lengths", "ruler_cases", "ruler_seed", "ruler_depths")
 PPL_KEYS = ("ppl_corpus", "ppl_split", "ppl_min_chars", "ppl_max_chars")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -124,13 +136,13 @@ def length_metric(metric: str, length: int) -> str:
     return f"{metric}@{length}"
 
 
-def _trained(kwargs: dict[str, Any]) -> tuple[str, int]:
+def _trained(kwargs: dict[str, Any], task: str = "rope_ext_passkey") -> tuple[str, int]:
     """(pretrained, its trained length) from the task's keyword arguments."""
     from rope_ext import models
 
     pretrained = kwargs.get("pretrained")
     if not pretrained:
-        raise ValueError("rope_ext_passkey needs the model's tokenizer: give pretrained=PATH in model_args (or metadata)")
+        raise ValueError(f"{task} needs the model's tokenizer: give pretrained=PATH in model_args (or metadata)")
     return str(pretrained), trained_length(models.load_config(str(pretrained)))
 
 
@@ -207,13 +219,112 @@ class PasskeyTask(ConfigurableTask):
     ``exact_match@L`` / ``digit_acc@L`` (mean, higher is better) added to the YAML's metric_list for
     each length L that the metadata's ``passkey_lengths`` asks for."""
 
+    METRICS: tuple[str, ...] = PASSKEY_METRICS
+
+    @staticmethod
+    def lengths(**kwargs: Any) -> list[int]:
+        return passkey_lengths(**kwargs)
+
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         if not config:
             raise ValueError(f"{type(self).__name__} is built by lm-eval from its task YAML in {TASKS_DIR}; it needs that config")
         config = {k: v for k, v in config.items() if k != "class"}
         per_length = [{"metric": length_metric(m, L), "aggregation": "mean", "higher_is_better": True}
-                      for L in passkey_lengths(**(config.get("metadata") or {})) for m in PASSKEY_METRICS]
+                      for L in self.lengths(**(config.get("metadata") or {})) for m in self.METRICS]
         super().__init__(config={**config, "metric_list": [*(config.get("metric_list") or []), *per_length]})
+
+
+def ruler_lengths(**kwargs: Any) -> list[int]:
+    """The RULER lengths in tokens that the metadata's ``ruler_lengths`` asks for, in the order given."""
+    _check_keys(kwargs, "ruler_", RULER_KEYS)
+    return parse_lengths([str(x) for x in _items(kwargs.get("ruler_lengths", "1x,2x,4x"))], _trained(kwargs, "rope_ext_ruler")[1],
+                         "ruler_lengths", minimum=2)
+
+
+def ruler_docs(task: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """The questions of RULER-style ``task`` as documents {prompt, answer, expected, length, depth, case,
+    gen_tokens, tokens}, each prompt = its context + the question, ordered case, then length."""
+    from .ruler import check_settings, plan
+    from .ruler_tasks import DEPTHS, build, questions_per_prompt
+
+    lengths = ruler_lengths(**kwargs)
+    pretrained, trained = _trained(kwargs, "rope_ext_ruler")
+    depths = _items(kwargs.get("ruler_depths", list(DEPTHS)))
+    cases = _int(kwargs, "ruler_cases", 10, 1)
+    seed = _int(kwargs, "ruler_seed", 0, 0)
+    check_settings([task], cases, depths)
+    limit = _max_length(kwargs, trained)
+    if max(lengths) > limit:
+        raise ValueError(f"RULER length(s) {', '.join(str(L) for L in lengths if L > limit)} exceed the model's "
+                         f"max_length {limit}: pass max_length={max(lengths)} in model_args")
+    tokenizer = load_tokenizer(pretrained)
+    prompts = {(L, trial): build(tokenizer, task, L, seed, trial, depths, asked)
+               for L in lengths for trial, asked in plan(task, cases, depths)}
+    docs = []
+    for case in range(cases):
+        trial, j = divmod(case, questions_per_prompt(task, depths))
+        for L in lengths:
+            prompt = prompts[(L, trial)]
+            question = prompt.questions[j]
+            text = decode(tokenizer, torch.cat([prompt.context, question.ids]))
+            docs.append({"prompt": text, "answer": decode(tokenizer, question.answer), "expected": list(question.expected),
+                         "length": L, "depth": question.depth, "case": case, "gen_tokens": int(question.answer.numel()),
+                         "tokens": int(encode(tokenizer, text).numel())})
+    need = max(doc["tokens"] + doc["gen_tokens"] for doc in docs)
+    if need > limit:
+        raise ValueError(f"the RULER prompts re-tokenize so that prompt + answer take up to {need} tokens, more than the "
+                         f"model's max_length {limit}: pass max_length={need} in model_args")
+    return docs
+
+
+def _ruler_dataset(task: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    import datasets
+
+    return {"test": datasets.Dataset.from_list(ruler_docs(task, **kwargs))}
+
+
+def ruler_niah_multikey_dataset(**kwargs: Any) -> dict[str, Any]:
+    """``custom_dataset`` of rope_ext_ruler_niah_multikey."""
+    return _ruler_dataset("niah_multikey", kwargs)
+
+
+def ruler_niah_multivalue_dataset(**kwargs: Any) -> dict[str, Any]:
+    """``custom_dataset`` of rope_ext_ruler_niah_multivalue."""
+    return _ruler_dataset("niah_multivalue", kwargs)
+
+
+def ruler_variable_tracking_dataset(**kwargs: Any) -> dict[str, Any]:
+    """``custom_dataset`` of rope_ext_ruler_variable_tracking."""
+    return _ruler_dataset("variable_tracking", kwargs)
+
+
+def ruler_common_words_dataset(**kwargs: Any) -> dict[str, Any]:
+    """``custom_dataset`` of rope_ext_ruler_common_words."""
+    return _ruler_dataset("common_words", kwargs)
+
+
+def ruler_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """RULER's string match of the answer (``score``) and the same under the document's length (``score@L``)."""
+    from .ruler_tasks import string_match_all
+
+    value = string_match_all(results[0], doc["expected"])
+    return {"score": value, length_metric("score", doc["length"]): value}
+
+
+class RulerTask(PasskeyTask):
+    """A RULER-style task of ``TASKS_DIR``: ``score@L`` for each length L in the metadata's
+    ``ruler_lengths``, and each document generates as many tokens as its expected answer has."""
+
+    METRICS = ("score",)
+
+    @staticmethod
+    def lengths(**kwargs: Any) -> list[int]:
+        return ruler_lengths(**kwargs)
+
+    def construct_requests(self, doc: dict[str, Any], ctx: Any, **kwargs: Any) -> Any:
+        request = super().construct_requests(doc, ctx, **kwargs)
+        request.arguments[1]["max_gen_toks"] = doc["gen_tokens"]
+        return request
 
 
 def ppl_docs(**kwargs: Any) -> list[dict[str, str]]:

@@ -28,8 +28,8 @@ from rope_ext.lengths import parse_lengths
 
 from .corpus import Corpus, load_corpus
 from .results import ResultStore, RunDir
-from .runner import Cell, applied, check_methods, model_identity, run_cells
-from .spec import SLIDING, parse_methods, resolve, trained_length
+from .runner import Cell, applied, model_identity, resolve_runs, run_cells
+from .spec import parse_methods, trained_length
 from .tokens import decode, encode
 
 FILLER_SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -169,8 +169,6 @@ def passkey(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[int | str]
     spec = rope_spec(model)
     lengths = parse_lengths(lengths, trained, "lengths", minimum=2)
     names = parse_methods(methods)
-    if SLIDING in names:
-        raise ValueError(f"methods: {SLIDING} is a perplexity baseline; it does not apply to passkey retrieval")
     style = get_format(fmt)
     depths = list(depths)
     if not depths or any(not isinstance(d, (int, float)) or not 0 <= d <= 1 for d in depths):
@@ -178,12 +176,7 @@ def passkey(model: torch.nn.Module, tokenizer: Any, lengths: Sequence[int | str]
     for label, value in (("trials", trials), ("n_keys", n_keys), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
-    given = method_params or {}
-    unknown = sorted(set(given) - set(names))
-    if unknown:
-        raise ValueError(f"method_params for {', '.join(unknown)}, which are not among the methods run: {', '.join(names)}")
-    runs = {(m, L): resolve(m, given.get(m, {}), L, spec) for L in lengths for m in names}
-    check_methods(model, [(m, p) for (m, _), p in runs.items()])
+    runs = resolve_runs(model, names, lengths, spec, method_params, "passkey retrieval")
     filler = filler_stream(tokenizer, style, corpus, "eval", max(lengths))
     prompts = {}
     for L in lengths:

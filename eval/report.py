@@ -1,5 +1,6 @@
 """The report of a run directory: Markdown tables, CSV files and PNG plots (``report_plots``) from results.jsonl.
 
+RULER-style records (``rope_ext.eval.ruler``) get their own part (``rope_ext.eval.ruler_report``).
 Works on any subset of cells (a partial or interrupted run): missing cells show as "–". Beside each
 figure: n (windows, trials or documents) and its 95% interval (``rope_ext.eval.stats``): a bootstrap
 over the windows a record keeps for perplexities, paired by window for ratios, Wilson's interval for
@@ -7,7 +8,7 @@ exact-match accuracy. A method is called better than another only when those int
 Records written before per-window values were kept still report, marked "no per-document values:
 rerun to get intervals".
     RUN_DIR/report.md
-    RUN_DIR/report/ppl.csv, passkey.csv, stream.csv
+    RUN_DIR/report/ppl.csv, passkey.csv, stream.csv, ruler.csv (one row per case)
     RUN_DIR/report/ppl_vs_length_<model>.png, ppl_by_position_<model>_<length>.png, passkey_<model>.png,
                    stream_ppl_<model>.png, stream_cache_<model>.png
 """
@@ -25,6 +26,8 @@ from typing import Any
 from .report_intervals import digit_interval, documents, exact_interval, ppl_interval, ratio_interval, successes
 from .report_plots import plot_passkey, plot_ppl, plot_stream
 from .results import CONFIG, ENV, RESULTS, ResultStore
+from .ruler_report import CSV_COLUMNS as RULER_COLUMNS
+from .ruler_report import case_problem, csv_rows, one_per_prompt, ruler_section, ruler_summary
 from .spec import SLIDING
 from .stats import DRAWS, SEED, Interval, bootstrap_ppl, bootstrap_ratio, separated
 
@@ -252,12 +255,32 @@ def _passkey_section(label: str, records: list[dict[str, Any]], out_dir: Path) -
     lines += _table(methods, lengths, trained, exact)
     lines += ["", "**Per-digit accuracy**, over depths:", ""]
     lines += _table(methods, lengths, trained, digits)
+    lines += _passkey_depths(records, methods, lengths, depths, trained)
     if any(digit_interval([r["result"]]) is None for r in records):
         lines += ["", f"{MARK} no per-trial outcomes: rerun to get intervals."]
     lines += ["", "Parameters per length:", ""] + _params_summary([r for r in records if r["key"]["depth"] == depths[0]])
     grid = {(r["key"]["method"], r["key"]["length"], r["key"]["depth"]): r["result"] for r in records}
     plot = plot_passkey(label, methods, lengths, depths, trained, grid, out_dir)
     return lines + ["", f"![{plot.stem}](report/{plot.name})", ""]
+
+
+def _passkey_depths(records: list[dict[str, Any]], methods: list[str], lengths: list[int], depths: list[float],
+                    trained: int) -> list[str]:
+    """Per length, a table method x depth of the exact match with its Wilson interval and n."""
+    cells = {(r["key"]["method"], r["key"]["length"], r["key"]["depth"]): r["result"] for r in records}
+    lines = []
+    for L in lengths:
+        lines += ["", f"**Exact match per depth** at {L} tokens ({L / trained:g}x):", "",
+                  "| method | " + " | ".join(f"depth {d:g}" for d in depths) + " |",
+                  "| --- | " + " | ".join("---:" for _ in depths) + " |"]
+        for m in methods:
+            row = []
+            for d in depths:
+                res = cells.get((m, L, d))
+                iv = exact_interval([res]) if res else None
+                row.append(f"{100 * iv.point:.0f}% {_ci(iv, 0, 100)}, n={iv.n}" if iv else "–")
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return lines
 
 
 def _passkey_summary(label: str, recs: list[dict[str, Any]]) -> list[str]:
@@ -392,11 +415,17 @@ def _group(records: list[dict[str, Any]], task: str, fields: tuple[str, ...]) ->
 PPL_GROUP = ("mode", "n_docs", "doc_stride", "seed", "buckets", "trained_length")
 STREAM_GROUP = ("tokens", "bucket", "trained_length")
 PASSKEY_GROUP = ("format", "n_keys", "trials", "seed", "trained_length")
+RULER_GROUP = ("seed", "trained_length", "generator")
 
 
 def _ppl_label(recs: list[dict[str, Any]], names: dict[str, set[str]]) -> str:
     k = recs[0]["key"]
     return f"{_model_label(k, names)} ({k['mode']}, {k['n_docs']} doc(s), seed {k['seed']})"
+
+
+def _ruler_label(recs: list[dict[str, Any]], names: dict[str, set[str]]) -> str:
+    k = recs[0]["key"]
+    return f"{_model_label(k, names)} (seed {k['seed']})"
 
 
 def _passkey_label(recs: list[dict[str, Any]], names: dict[str, set[str]]) -> str:
@@ -412,6 +441,7 @@ TASK_FIELDS = {
                 ("result", "trials"), ("result", "exact"), ("result", "digit_acc")),
     "stream": (("key", "label"), ("key", "config"), ("key", "document"), ("result", "nll"), ("result", "tokens"),
                ("result", "buckets")),
+    "ruler": (("key", "length"), ("key", "ruler_task"), ("key", "params"), ("key", "asked"), ("result", "cases"), ("result", "score")),
 }
 BUCKET_FIELDS = {"ppl": ("start", "end", "ppl"), "stream": ("end", "nll", "tokens", "cache_bytes")}
 DOCUMENT_FIELDS = {"ppl": ("nll_sum", "tokens", "nll_sum_past", "tokens_past", "nll_sum_within", "tokens_within", "bucket_nll_sums")}
@@ -441,6 +471,8 @@ def report_problem(record: dict[str, Any]) -> str | None:
             return f"result.documents is not a list of objects with {', '.join(fields)}"
         if any(len(d["bucket_nll_sums"]) != len(buckets) for d in docs):
             return "result.documents' bucket_nll_sums do not match result.buckets"
+    if task == "ruler":
+        return case_problem(result)
     if task == "passkey" and "outcomes" in result:
         outcomes = result["outcomes"]
         if not isinstance(outcomes, list) or not all(isinstance(o, dict) and all(f in o for f in OUTCOME_FIELDS) for o in outcomes):
@@ -472,9 +504,12 @@ def write_report(run_dir: str | Path, repair: bool = False) -> Path:
     ppl_groups = {_ppl_label(recs, names): recs for recs in _group(records, "ppl", PPL_GROUP).values()}
     pk_groups = {_passkey_label(recs, names): recs for recs in _group(records, "passkey", PASSKEY_GROUP).values()}
     stream_groups = {_stream_label(recs, names): recs for recs in _group(records, "stream", STREAM_GROUP).values()}
+    ruler_groups = {_ruler_label(recs, names): one_per_prompt(recs) for recs in _group(records, "ruler", RULER_GROUP).values()}
+    ruler_methods = {label: _method_order([r["key"]["method"] for r in recs]) for label, recs in ruler_groups.items()}
     summary = [line for label, recs in ppl_groups.items() for line in _ppl_summary(label, recs)]
     summary += [line for label, recs in pk_groups.items() for line in _passkey_summary(label, recs)]
     summary += [line for label, recs in stream_groups.items() for line in _stream_summary(label, recs)]
+    summary += [line for label, recs in ruler_groups.items() for line in ruler_summary(label, recs, ruler_methods[label])]
     if summary:
         lines += ["## Summary", ""] + summary + [""]
     for label, recs in ppl_groups.items():
@@ -483,6 +518,10 @@ def write_report(run_dir: str | Path, repair: bool = False) -> Path:
         lines += _passkey_section(label, recs, out_dir)
     for label, recs in stream_groups.items():
         lines += _stream_section(label, recs, out_dir)
+    for label, recs in ruler_groups.items():
+        one = {(r["key"]["method"], r["key"]["length"]): r for r in recs}
+        lines += ruler_section(label, recs, ruler_methods[label], _table)
+        lines += ["Parameters per length:", ""] + _params_summary(list(one.values())) + [""]
     if not records:
         lines += ["No finished cells yet.", ""]
     _write_csv(records, out_dir)
@@ -538,3 +577,8 @@ def _write_csv(records: list[dict[str, Any]], out_dir: Path) -> None:
                     row.update(successes=successes(r["result"]), exact_low=iv.low, exact_high=iv.high,
                                digit_acc_low=dv.low if dv else None, digit_acc_high=dv.high if dv else None)
                 writer.writerow({c: row.get(c) for c in cols})
+    with open(out_dir / "ruler.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RULER_COLUMNS)
+        writer.writeheader()
+        for r in one_per_prompt([r for r in records if r["key"].get("task") == "ruler"]):
+            writer.writerows(csv_rows(r))

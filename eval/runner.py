@@ -18,7 +18,7 @@ from rope_ext.validate import MAX_WORKERS, integer
 
 from . import distributed
 from .results import ResultStore
-from .spec import SLIDING
+from .spec import SLIDING, resolve
 
 
 def choose_threads(requested: int | None = None) -> int:
@@ -52,9 +52,15 @@ def model_identity(model: torch.nn.Module, name: str | None = None) -> dict[str,
 
 
 def loaded_method(model: torch.nn.Module) -> str | None:
-    """The method a model was loaded with (an ALiBi / NoPE lab model), or None for a plain model."""
+    """The position encoding a model was trained with when rope_ext's methods do not apply to it (an
+    ALiBi / NoPE lab model, or a train-time encoding that is not RoPE-based), else None."""
+    from .lab import trained_encoding
+
     handle = rope_ext.current(model)
-    return None if handle is None else handle.name
+    if handle is not None:
+        return handle.name
+    encoding = trained_encoding(model)
+    return encoding.name if encoding is not None and not encoding.rope_based else None
 
 
 @contextlib.contextmanager
@@ -88,6 +94,21 @@ def check_methods(model: torch.nn.Module, runs: list[tuple[str, dict[str, Any]]]
             continue
         with applied(model, method, params):
             pass
+
+
+def resolve_runs(model: torch.nn.Module, names: list[str], lengths: list[int], spec: Any,
+                 method_params: dict[str, dict[str, Any]] | None, task: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """{(method, length): parameters} of a retrieval task (passkey, RULER), every one checked by a patch
+    before any compute: the given ``method_params`` over each method's defaults for the length."""
+    if SLIDING in names:
+        raise ValueError(f"methods: {SLIDING} is a perplexity baseline; it does not apply to {task}")
+    given = method_params or {}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"method_params for {', '.join(unknown)}, which are not among the methods run: {', '.join(names)}")
+    runs = {(m, L): resolve(m, given.get(m, {}), L, spec) for L in lengths for m in names}
+    check_methods(model, [(m, p) for (m, _), p in runs.items()])
+    return runs
 
 
 @dataclass

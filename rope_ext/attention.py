@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import PolicyLayer
 from .methods.base import Method
-from .methods.context import MODEL_MASK, AttentionContext
+from .methods.context import MODEL_MASK, AttentionContext, key_positions
 from .methods.spec import RopeSpec
 from .rotary import apply_rotary, cos_sin, rotate
 
@@ -71,23 +71,6 @@ def _base_function(base: str, module: torch.nn.Module) -> Callable:
     if base == "eager":
         return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[base]
-
-
-def key_positions(q_pos: torch.Tensor, kv_length: int) -> torch.Tensor:
-    """Positions of the keys (B, Lk) of the plain KV cache: the new keys are the queries themselves;
-    cached ones are the contiguous run ending just before the first new query.
-
-    Exact for any positions without a cache (right padding included) and for left-padded or
-    unpadded decoding with KV and sliding-window caches. Not covered: packed sequences whose
-    positions restart inside a row while decoding with a cache (a cache policy tracks positions
-    per entry instead).
-    """
-    past = kv_length - q_pos.shape[1]
-    if past == 0:
-        return q_pos
-    first = q_pos[:, :1]
-    cached = torch.arange(past, device=q_pos.device)[None, :] + (first - past)
-    return torch.cat([cached, q_pos], dim=1)
 
 
 def _query_validity(mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int) -> torch.Tensor:

@@ -25,6 +25,10 @@ Formulas, with s the factor, b the base, L0 the trained length, L the current le
   ReRoPE (Su 2023)                       r' = r if r < w else w
   Leaky ReRoPE (Su 2023)                 r' = r if r < w else w + (r - w) / k
   Self-Extend (Jin et al. 2024, eq. 3)   r' = r if r < w else floor(i / G) - floor(j / G) + w - floor(w / G)
+  DCA (An et al. 2024, eq. 2, 5, 7)      s = chunk_size - local_window; r' = P_q[i] - (j mod s) with P_q from
+                                         ChunkLlama's tables by floor(i/s) - floor(j/s): 0 -> q_t[i mod s],
+                                         1 -> qc_t[i mod s], > 1 -> qc_t[s - 1]; q_t = 0..s-1,
+                                         qc_t = min(s..2s-1, chunk_size)
   log-n (Su 2023)                        q_i * max(1, ln(i + 1) / ln L0)
   ALiBi (Press et al. 2022)              no rotation; bias -m_h (i - j), m_h = 2^(-8 h / n) (power-of-two n)
   NoPE (Kazemnejad et al. 2023)          no rotation
@@ -43,12 +47,16 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from reference_block_memory import block_memory_attention
+
 REFERENCE = "reference_dense"
 FREQUENCY_METHODS = ("none", "pi", "ntk", "dynamic_ntk", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3")
 WINDOWED_METHODS = ("rerope", "leaky_rerope", "self_extend")
 UNROTATED_METHODS = ("alibi", "nope")
 MASKED_METHODS = ("dilated",)
-METHODS = FREQUENCY_METHODS + WINDOWED_METHODS + UNROTATED_METHODS + MASKED_METHODS
+CHUNKED_METHODS = ("dca",)
+BLOCK_METHODS = ("block_memory",)
+METHODS = FREQUENCY_METHODS + WINDOWED_METHODS + UNROTATED_METHODS + MASKED_METHODS + CHUNKED_METHODS + BLOCK_METHODS
 
 
 def rope_theta(b: float, d: int) -> torch.Tensor:
@@ -114,7 +122,7 @@ def frequencies(name: str, p: dict[str, Any], b: float, d: int, L0: int, L: int)
         return theta, p.get("attention_factor") or yarn_temperature(s)
     if name == "llama3":
         return llama3_theta(rope_theta(b, d), s, L0, p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)), 1.0
-    if name in ("none",) + WINDOWED_METHODS + MASKED_METHODS:
+    if name in ("none",) + WINDOWED_METHODS + MASKED_METHODS + CHUNKED_METHODS + BLOCK_METHODS:
         return rope_theta(b, d), 1.0
     raise KeyError(f"no reference frequencies for method {name!r}: add its formula to tests/reference_model.py")
 
@@ -122,6 +130,8 @@ def frequencies(name: str, p: dict[str, Any], b: float, d: int, L0: int, L: int)
 def relative_map(name: str, p: dict[str, Any], i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """r'(i, j) for query positions i (..., Lq, 1) and key positions j (..., 1, Lk)."""
     r = (i - j).to(torch.float64)
+    if name == "dca":
+        return dca_relative(p["chunk_size"], p["local_window"], i, j)
     if name not in WINDOWED_METHODS:
         return r
     w = p["window"]
@@ -133,6 +143,19 @@ def relative_map(name: str, p: dict[str, Any], i: torch.Tensor, j: torch.Tensor)
         G = p["group_size"]
         far = (torch.div(i, G, rounding_mode="floor") - torch.div(j, G, rounding_mode="floor") + w - w // G).to(torch.float64)
     return torch.where(r < w, r, far)
+
+
+def dca_relative(chunk_size: int, local_window: int, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """DCA's M[i][j] (An et al. 2024, sec. 3.3) with ChunkLlama's position tables (chunkllama_attn_replace.py:
+    chunk_len s = chunk_size - local_window, q_t = arange(s), qc_t = (arange(s) + s).clamp(max=chunk_size),
+    k_t = arange % s; the inter-chunk query uses qc_t[s - 1])."""
+    s = chunk_size - local_window
+    q_t = torch.arange(s)
+    qc_t = (torch.arange(s) + s).clamp(max=chunk_size)
+    i, j = torch.broadcast_tensors(i, j)
+    gap = i // s - j // s
+    query = torch.where(gap == 0, q_t[i % s], torch.where(gap == 1, qc_t[i % s], qc_t[s - 1]))
+    return (query - j % s).to(torch.float64)
 
 
 def alibi_slopes(n: int, max_bias: float) -> torch.Tensor:
@@ -194,6 +217,11 @@ class Reference:
         i, j = self.positions[:, None, :, None], self.positions[:, None, None, :]
         if self.params.get("logn"):
             q = q * (torch.log(self.positions.double() + 1) / math.log(self.L0)).clamp(min=1)[:, None, :, None]
+        if self.name in BLOCK_METHODS:
+            layer_type = getattr(module, "layer_type", None)
+            theta, magnitude = self.theta(layer_type)
+            return block_memory_attention(q, k, v, self.positions, self.padding, self.params, theta, magnitude,
+                                          rotary_dims(self.config, layer_type), scaling, sliding_window, softcap).to(dtype)
         s = self.scores(q, k, getattr(module, "layer_type", None)) * scaling
         if softcap:
             s = torch.tanh(s / softcap) * softcap

@@ -67,7 +67,7 @@ def test_passkey_finetune_from_lab_lm(tmp_path, text_corpus):
 
 
 def test_lab_config_validation_and_schedule():
-    for bad in (dict(position="xpos"), dict(context=4), dict(hidden=30, heads=4), dict(steps=0)):
+    for bad in (dict(position="no_such_encoding"), dict(context=4), dict(hidden=30, heads=4), dict(steps=0)):
         with pytest.raises(ValueError):
             LabConfig(**bad)
     assert LabConfig(seed=1).key() != LabConfig(seed=2).key() and LabConfig().key() == LabConfig().key()

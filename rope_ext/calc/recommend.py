@@ -19,6 +19,7 @@ import torch
 from ..methods import RopeSpec, registry
 from ..methods.frequency import yarn_mscale
 from ..methods.rerope import WINDOW_FRACTION, leaky_rerope_relative
+from ..methods.dca import dca_max_distance
 from ..methods.self_extend import self_extend_relative
 from .bound import check_base, check_head_dim, check_length
 from .limits import (
@@ -30,7 +31,7 @@ from .limits import (
 )
 
 RECOMMENDED_METHODS = ("pi", "ntk", "dynamic_ntk", "ntk_by_parts", "yarn", "dynamic_yarn", "llama3", "rerope",
-                       "leaky_rerope", "self_extend")
+                       "leaky_rerope", "self_extend", "dca")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def recommend(target_length: int, rotary_dim: int, rope_theta: float, trained_le
     yarn = yarn_correction_dims(yarn_p["beta_fast"], yarn_p["beta_slow"], d, b, L0)
     w, k = params["leaky_rerope"]["window"], params["leaky_rerope"]["k"]
     G = params["self_extend"]["group_size"]
+    dca_p = params["dca"]
     far_leaky = float(leaky_rerope_relative(torch.tensor(T - 1), w, k))
     far_se = int(self_extend_relative(torch.tensor(T - 1), torch.tensor(0), G, w))
     low, high = llama3["low_freq_factor"], llama3["high_freq_factor"]
@@ -108,6 +110,12 @@ def recommend(target_length: int, rotary_dim: int, rope_theta: float, trained_le
                        f"farthest distance {T - 1} maps to {far_se} <= L0 - 1",
                        "Jin et al. 2024, LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning, eq. 3",
                        {"max_position": far_se}),
+        Recommendation("dca", params["dca"], f"chunks of {dca_p['chunk_size'] - dca_p['local_window']} positions: a key sits at "
+                       f"its place in its chunk and a query at one of three positions, so no distance passes "
+                       f"{dca_max_distance(dca_p['chunk_size'], dca_p['local_window'])} at any length; every key stays "
+                       "attended at a distance the model knows (ChunkLlama's defaults 3/4 L0, L0/8)",
+                       "An et al. 2024, Training-Free Long-Context Scaling of Large Language Models (DCA), sec. 3",
+                       {"max_position": dca_max_distance(dca_p["chunk_size"], dca_p["local_window"])}),
     ]
 
 

@@ -1,4 +1,4 @@
-"""``rope-ext eval ppl|passkey|stream``: evaluate methods past a model's trained length into a run directory.
+"""``rope-ext eval ppl|passkey|ruler|stream``: evaluate methods past a model's trained length into a run directory.
 
 Every finished cell is appended to RUN_DIR/results.jsonl; rerunning the same command resumes and
 recomputes nothing. The report (RUN_DIR/report.md, CSV, PNG) is written at the end. With
@@ -18,8 +18,8 @@ DEFAULT_METHODS = "none,pi,ntk,yarn,rerope,leaky_rerope"
 logger = logging.getLogger(__name__)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    _model_options(p)
+def _common(p: argparse.ArgumentParser, corpus: bool = True) -> None:
+    _model_options(p, corpus)
     p.add_argument("--lengths", default="1x,2x,4x,8x,16x", help="comma-separated lengths: tokens (2048, 32k, 1M) or multiples of the trained length (4x); "
                    "see rope_ext.lengths (default: 1x,2x,4x,8x,16x)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated method names; 'none' = the model as loaded (default: {DEFAULT_METHODS})")
@@ -31,10 +31,11 @@ def _method_params_option(p: argparse.ArgumentParser) -> None:
                    help="e.g. rerope.window=32 yarn.beta_fast=16; defaults (factor = length / trained length ...) are recorded")
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
+def _model_options(p: argparse.ArgumentParser, corpus: bool = True) -> None:
     p.add_argument("--model", required=True, help="a checkpoint directory (e.g. from `rope-ext pretrain`), a .gguf, or smollm2")
     p.add_argument("--run-dir", required=True, help="directory for results.jsonl, config.json, env.json and the report")
-    p.add_argument("--corpus", default="stdlib", help="'stdlib' (held-out split), a directory, a .jsonl or a text file")
+    if corpus:
+        p.add_argument("--corpus", default="stdlib", help="'stdlib' (held-out split), a directory, a .jsonl or a text file")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--threads", type=WORKERS, default=None,
                    help="torch CPU threads (default: 1 when the 1-minute load average is above 1, else every core)")
@@ -70,6 +71,14 @@ def add_parser(subparsers) -> None:
                     help="compact: '... pass key #NNNNN. ... What is the pass key? #' (lab); classic: the papers' sentences")
     pk.add_argument("--batch-size", type=COUNT, default=16)
     pk.set_defaults(func=run)
+    ru = sub.add_parser("ruler", help="RULER-style tasks (multi-key / multi-value needles, variable tracking, common words)")
+    _common(ru, corpus=False)
+    ru.add_argument("--tasks", default=None, help="comma-separated RULER tasks: niah_multikey, niah_multivalue, variable_tracking, "
+                    "common_words (default: all)")
+    ru.add_argument("--cases", type=COUNT, default=20, help="questions per (task, length) (default: 20)")
+    ru.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                    help="niah_multikey: one needle per depth in [0, 1] in each prompt (default: 0,0.25,0.5,0.75,1)")
+    ru.set_defaults(func=run)
     st = sub.add_parser("stream", help="streaming perplexity, one token at a time through the KV cache (attention sinks)")
     _model_options(st)
     st.add_argument("--tokens", required=True, help="tokens streamed per document: 8192, 64k, or a multiple of the trained length (64x)")
@@ -109,13 +118,13 @@ def _load(args: argparse.Namespace) -> tuple:
     """(model source as recorded, model, tokenizer, record) for a task's arguments."""
     import torch
 
-    import rope_ext
+    from rope_ext.eval.lab import load_model
     from rope_ext.eval.runner import set_threads
 
     name = model_source(args.model)
     threads = set_threads(args.threads)
     logger.info("loading %s (%s, %d thread%s)", name, args.dtype, threads, "" if threads == 1 else "s")
-    model, tokenizer = rope_ext.load(name, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_model(name, dtype=getattr(torch, args.dtype))
     record = {"command": ["rope-ext", *sys.argv[1:]], "threads": threads, "dtype": args.dtype}
     return name, model, tokenizer, record
 
@@ -152,6 +161,11 @@ def run_task(args: argparse.Namespace, run_dir, methods: list[str], method_param
                    sliding_stride=args.sliding_stride, mode=args.mode, n_docs=args.docs, doc_stride=args.doc_stride,
                    seed=args.seed, corpus=args.corpus, buckets=args.buckets, chunk_size=args.chunk_size,
                    model_name=name, run_dir=run_dir, record=record)
+    elif args.eval_task == "ruler":
+        from rope_ext.eval.ruler import TASKS, ruler
+
+        ruler(model, tokenizer, args.lengths, methods, TASKS if args.tasks is None else args.tasks, cases=args.cases, depths=depths, seed=args.seed,
+              method_params=method_params, model_name=name, run_dir=run_dir, record=record)
     else:
         from rope_ext.eval.passkey import passkey
 
@@ -190,7 +204,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         methods = parse_methods(args.methods)
         method_params = parse_method_params(args.method_params, methods + ["sliding_window"])
-        depths = _depths(args.depths) if args.eval_task == "passkey" else None
+        depths = _depths(args.depths) if args.eval_task in ("passkey", "ruler") else None
+        if args.eval_task == "ruler":
+            from rope_ext.eval.ruler import TASKS, check_settings
+
+            check_settings(TASKS if args.tasks is None else args.tasks, args.cases, depths)
     model_source(args.model)
     if args.num_processes > 1 and distributed.launched_world() == 1:
         return distributed.launch(_command_line(args), args.num_processes)

@@ -2,10 +2,14 @@
 context on an offline corpus (default: the train split of the Python standard library), or fine-tune
 one for passkey retrieval (``--task passkey --init LM_DIR``). Saves a normal HF checkpoint
 (safetensors + byte tokenizer + lab.json); its trained length is config.max_position_embeddings.
+``--pe`` chooses the position encoding: rope, alibi, nope or a train-time encoding of
+rope_ext.eval.encodings, with its parameters as ``--pe-param NAME=VALUE``.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,8 +17,36 @@ from typing import Any
 from rope_ext.validate import COUNT, MAX_ALIBI_BIAS, MAX_BASE, MAX_COUNT, SEED, WORKERS, flag, integer, number
 
 logger = logging.getLogger(__name__)
-LM_ONLY = ("position", "rope_theta", "max_bias", "context", "layers", "hidden", "heads", "intermediate")  # the architecture
+LM_ONLY = ("position", "pe_param", "rope_theta", "max_bias", "context", "layers", "hidden", "heads", "intermediate")  # the architecture
 LAB = "the lab model's, rope_ext.eval.LabConfig"  # defaults live there (importing it here would import torch for --help)
+BUILT_IN = ("rope", "alibi", "nope")
+
+
+def encoding_names() -> list[str]:
+    """The names ``@register``ed in rope_ext/eval/encodings/*.py, read from the source (importing the
+    registry would import torch for --help); tests check they equal ``encodings.names()``."""
+    spec = importlib.util.find_spec("rope_ext.eval")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "encodings"
+    names = []
+    for file in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.ClassDef):
+                names += [d.args[0].value for d in node.decorator_list if isinstance(d, ast.Call) and getattr(d.func, "id", None) == "register"
+                          and d.args and isinstance(d.args[0], ast.Constant)]
+    return sorted(names)
+
+
+def pe_params(items: list[str]) -> tuple[tuple[str, Any], ...]:
+    """["width=16", "init_c=0.5"] -> (("width", 16), ("init_c", 0.5)), values parsed as the eval CLI's."""
+    from rope_ext.eval.spec import parse_value
+
+    pairs = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"--pe-param {item!r}: expected NAME=VALUE (e.g. --pe fire --pe-param width=16)")
+        pairs.append((name.strip(), parse_value(value.strip())))
+    return tuple(pairs)
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +55,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--task", choices=("lm", "passkey"), default="lm", help="lm: from scratch; passkey: fine-tune --init on passkey windows")
     p.add_argument("--init", help="--task passkey: the lab LM checkpoint to start from")
-    p.add_argument("--position", choices=("rope", "alibi", "nope"), default=None, help=f"position encoding (default: {LAB})")
+    names = (*BUILT_IN, *encoding_names())
+    p.add_argument("--pe", "--position", dest="position", choices=names, default=None, metavar="NAME",
+                   help=f"position encoding, one of {', '.join(names)} (default: {LAB})")
+    p.add_argument("--pe-param", action="append", default=None, metavar="NAME=VALUE",
+                   help="a parameter of the --pe encoding (repeatable), e.g. --pe kerple_log --pe-param eps=0.02")
     p.add_argument("--rope-theta", type=flag(number, above=1, at_most=MAX_BASE), default=None, help=f"RoPE base (default: {LAB})")
     p.add_argument("--max-bias", type=flag(number, above=0, at_most=MAX_ALIBI_BIAS), default=None, help=f"ALiBi max bias (default: {LAB})")
     p.add_argument("--context", type=flag(integer, minimum=8, maximum=MAX_COUNT), default=None, help=f"trained length in tokens (bytes) (default: {LAB})")
@@ -70,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.init:
         raise ValueError(f"--init {args.init!r}: --task passkey only (--task lm trains from scratch)")
-    cfg = LabConfig(**given(args, LM_ONLY), **training)
+    architecture = given(args, LM_ONLY)
+    if "pe_param" in architecture:
+        architecture["pe_params"] = pe_params(architecture.pop("pe_param"))
+    cfg = LabConfig(**architecture, **training)
     set_threads(args.threads)
     logger.info("training a lab model from scratch: %s", cfg)
     print(pretrain(cfg, out))

@@ -21,6 +21,23 @@ from .spec import RopeSpec
 MODEL_MASK = "model"
 
 
+def key_positions(q_pos: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """Positions of the keys (B, Lk) of the plain KV cache: the new keys are the queries themselves;
+    cached ones are the contiguous run ending just before the first new query.
+
+    Exact for any positions without a cache (right padding included) and for left-padded or
+    unpadded decoding with KV and sliding-window caches. Not covered: packed sequences whose
+    positions restart inside a row while decoding with a cache (a cache policy tracks positions
+    per entry instead).
+    """
+    past = kv_length - q_pos.shape[1]
+    if past == 0:
+        return q_pos
+    first = q_pos[:, :1]
+    cached = torch.arange(past, device=q_pos.device)[None, :] + (first - past)
+    return torch.cat([cached, q_pos], dim=1)
+
+
 @dataclass
 class AttentionContext:
     """One attention call of one layer: q/k/v are (B, H, L, d) with the KV heads not repeated.
