@@ -2,7 +2,7 @@
 Su 2024, https://kexue.fm/archives/10122): does passkey retrieval within the trained length fail
 when the base is below the bound for that length, and hold above it?
 
-For each trained length T (default 128 and 512) the calculator's bound (``rope_ext.calc.base_lower_bound``
+For each trained length T (default 128 and 256; 512 costs about 2 s a step on one CPU thread) the calculator's bound (``rope_ext.calc.base_lower_bound``
 for the lab model's head dimension: the first feasible base, and the stable base above which every base
 is feasible) sets the bases: ``factor x first feasible`` for each --factors entry (default 1/16, 1/4, 2, 8:
 two below, two above). Each base gets a RoPE lab model pre-trained at T, the same passkey fine-tune
@@ -131,7 +131,7 @@ def plot_bound(records: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", default="128,512", help="trained lengths (default 128,512)")
+    parser.add_argument("--contexts", default="128,256", help="trained lengths (default 128,256)")
     parser.add_argument("--factors", default="0.0625,0.25,2,8", help="bases as multiples of the first feasible bound")
     parser.add_argument("--n-keys", default="1", help="keys per passkey prompt to evaluate, e.g. 1,2 (default 1)")
     parser.add_argument("--multi-key-fraction", type=flag(number, at_least=0, at_most=1), default=0.0,

@@ -18,7 +18,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.tasks import TaskManager
-from rope_ext.eval import lm_eval_cli, lm_eval_tasks
+from rope_ext.eval import lm_eval_cli, lm_eval_tasks, ruler_tasks
 from rope_ext.eval.lab import LabConfig, pretrain
 from rope_ext.eval.lm_eval_model import RopeExtLM
 from rope_ext.eval.tokens import encode
@@ -143,12 +143,17 @@ def test_task_configs_generate_exactly_the_answer_length():
     from lm_eval.tasks._yaml_loader import load_yaml
 
     configs = {p.stem: load_yaml(str(p), resolve_func=False) for p in lm_eval_tasks.TASKS_DIR.glob("*.yaml")}
-    assert set(configs) == {"rope_ext_passkey", "rope_ext_passkey_classic", "rope_ext_ppl"}
+    ruler = {f"rope_ext_ruler_{task}" for task in ruler_tasks.TASKS}
+    assert set(configs) == {"rope_ext_passkey", "rope_ext_passkey_classic", "rope_ext_ppl"} | ruler
     assert configs["rope_ext_passkey"]["generation_kwargs"]["max_gen_toks"] == lm_eval_tasks.GEN_TOKENS["compact"]
     assert configs["rope_ext_passkey_classic"]["generation_kwargs"]["max_gen_toks"] == lm_eval_tasks.GEN_TOKENS["classic"]
     for name in ("rope_ext_passkey", "rope_ext_passkey_classic"):
         assert load_yaml(str(lm_eval_tasks.TASKS_DIR / f"{name}.yaml"))["class"] is lm_eval_tasks.PasskeyTask
         assert [m["metric"] for m in configs[name]["metric_list"]] == list(lm_eval_tasks.PASSKEY_METRICS)
+    for name in sorted(ruler):
+        assert load_yaml(str(lm_eval_tasks.TASKS_DIR / f"{name}.yaml"))["class"] is lm_eval_tasks.RulerTask
+        assert [m["metric"] for m in configs[name]["metric_list"]] == list(lm_eval_tasks.RulerTask.METRICS)
+        assert "max_gen_toks" not in configs[name]["generation_kwargs"]
 
 
 @pytest.mark.slow

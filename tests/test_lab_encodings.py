@@ -194,3 +194,31 @@ def test_padding_and_kv_cache_change_nothing(position, pe_params):
             cache = out.cache
             steps.append(out.logits)
         assert torch.allclose(torch.cat(steps, dim=1), plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("position,pe_params", MINE)
+def test_long_prompts_by_query_blocks_equal_one_block(position, pe_params, monkeypatch):
+    """A prompt whose (B, H, Lq, Lk) pairs exceed PAIRS_PER_CALL runs by blocks of query rows: same
+    logits and gradients as one call (padding included)."""
+    from rope_ext.eval.encodings import base
+
+    model = tiny(position, pe_params)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits = model(x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        (logits * mask[..., None]).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, whole_grads = run()
+    monkeypatch.setattr(base, "PAIRS_PER_CALL", 2 * 2 * 20 * 3)  # 3 query rows per call
+    blocks, block_grads = run()
+    assert torch.allclose(blocks, whole, atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(block_grads, whole_grads)), max(
+        float((a - b).abs().max()) for a, b in zip(block_grads, whole_grads))

@@ -8,37 +8,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
+
+from rope_ext.named_registry import NamedRegistry
 
 from .base import Encoding
 
-REGISTRY: dict[str, type[Encoding]] = {}
-E = TypeVar("E", bound=type)
-
-
-def register(name: str) -> Callable[[E], E]:
-    """Class decorator: make ``cls`` the lab encoding ``name`` (``rope-ext pretrain --pe name``)."""
-
-    def wrap(cls: E) -> E:
-        if name in REGISTRY:
-            raise ValueError(f"encoding {name!r} is already registered by {REGISTRY[name].__qualname__}")
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def get(name: str) -> type[Encoding]:
-    """The Encoding class registered as ``name``; an unknown name lists the registered ones."""
-    if not isinstance(name, str) or name not in REGISTRY:
-        raise ValueError(f"unknown position encoding {name!r}; registered encodings: {', '.join(names())}")
-    return REGISTRY[name]
-
-
-def names() -> list[str]:
-    return sorted(REGISTRY)
+ENCODINGS: NamedRegistry[Encoding] = NamedRegistry("position encoding", "encodings")
+REGISTRY = ENCODINGS.classes
+register = ENCODINGS.register
+get = ENCODINGS.get
+names = ENCODINGS.names
 
 
 def build(name: str, params: dict[str, Any]) -> Encoding:

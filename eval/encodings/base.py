@@ -9,7 +9,8 @@ selected in this model's config only (no global change to transformers).
 The glue below serves encodings that replace attention's logits: ``attach`` puts one module per layer
 on ``self_attn`` as ``lab_pe``; ``use_attention`` selects ``lab_<name>``, which calls that module as
 ``lab_pe(query, key, value, call)`` (heads repeated for GQA; ``call``: positions, mask, scaling) and
-expects (B, H, Lq, d) back; ``softmax_attention`` is the float32 softmax with an additive bias;
+expects (B, H, Lq, d) back (called on blocks of query rows, each row's output depending on its own row
+only, so that the (B, H, Lq, Lk) tensors of a long prompt stay within ``PAIRS_PER_CALL``); ``softmax_attention`` is the float32 softmax with an additive bias;
 ``remove_rotation`` makes the model's RoPE the identity (cos 1, sin 0) for encodings without it.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rope_ext.methods import key_positions
 
 ATTRIBUTE = "lab_pe"  # the per-layer module of an encoding, on each layer's self_attn
 PREFIX = "lab_"
+PAIRS_PER_CALL = 2**24  # (batch, head, query, key) pairs per call of an encoding's module: long prompts go by query rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,8 +130,13 @@ def lab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     if position_ids is None or position_ids.shape[-1] != q_len:
         position_ids = torch.arange(kv_len - q_len, kv_len, device=query.device)[None, :]
     q_pos = position_ids.to(query.device).expand(batch, q_len)
-    call = AttentionCall(q_pos=q_pos, k_pos=key_positions(q_pos, kv_len),
-                         allowed=allowed_keys(attention_mask, batch, q_len, kv_len, query.device),
-                         scaling=module.head_dim ** -0.5 if scaling is None else scaling)
-    out = getattr(module, ATTRIBUTE)(query, repeat_heads(key, heads), repeat_heads(value, heads), call)
+    k_pos = key_positions(q_pos, kv_len)
+    allowed = allowed_keys(attention_mask, batch, q_len, kv_len, query.device)
+    scaling = module.head_dim ** -0.5 if scaling is None else scaling
+    key, value = repeat_heads(key, heads), repeat_heads(value, heads)
+    rows = max(1, PAIRS_PER_CALL // (batch * heads * kv_len))
+    out = torch.cat([getattr(module, ATTRIBUTE)(query[:, :, s:s + rows], key, value,
+                                                AttentionCall(q_pos=q_pos[:, s:s + rows], k_pos=k_pos,
+                                                              allowed=allowed[:, :, s:s + rows], scaling=scaling))
+                     for s in range(0, q_len, rows)], dim=2)
     return out.transpose(1, 2).contiguous(), None
