@@ -99,7 +99,7 @@ def test_kernels_import_nothing_above_them(name):
     assert not above, f"{name} imports {sorted(above)}"
 
 
-@pytest.mark.parametrize("name", ["rope_ext.validate", "rope_ext.lengths"])
+@pytest.mark.parametrize("name", ["rope_ext.validate", "rope_ext.lengths", "rope_ext.named_registry"])
 def test_leaf_modules_import_nothing_of_rope_ext(name):
     found = {m for m in imports(name, MODULES[name], False) if m.startswith("rope_ext")}
     assert not found, f"{name} is a leaf that anything may import; it imports {sorted(found)}"
@@ -108,7 +108,7 @@ def test_leaf_modules_import_nothing_of_rope_ext(name):
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("rope_ext.methods")))
 def test_methods_import_no_transformers_and_no_glue(name):
     found = imports(name, MODULES[name], False)
-    allowed = ("rope_ext.methods", "rope_ext.kernels", "rope_ext.validate")
+    allowed = ("rope_ext.methods", "rope_ext.kernels", "rope_ext.validate", "rope_ext.named_registry")
     assert not {m for m in found if m.split(".")[0] == "transformers"}, f"{name} imports transformers"
     assert not {m for m in found if m.startswith("rope_ext") and not m.startswith(allowed)}, f"{name} imports glue"
 

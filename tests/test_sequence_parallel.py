@@ -104,7 +104,7 @@ def _torchrun(tmp_path: Path) -> dict:
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ROPE_EXT_TEST_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_free_port()), __file__, str(out)], capture_output=True, text=True, timeout=300, env=env)
+                          str(_free_port()), __file__, str(out)], capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -138,7 +138,7 @@ def test_two_process_fine_tune_of_the_lab_recipe_has_the_losses_of_one_process(t
     train(build_config({**recipe, "output_dir": str(tmp_path / "one")}))
     (tmp_path / "two.yaml").write_text(yaml.safe_dump({**recipe, "output_dir": str(tmp_path / "two"), "sequence_parallel": 2}))
     run = subprocess.run([sys.executable, "-m", "rope_ext.cli", "finetune", "--recipe", str(tmp_path / "two.yaml"), "--num-processes", "2"],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
     assert "registered with DeepSpeed directly" in run.stderr
     one, two = (_losses(tmp_path / name) for name in ("one", "two"))
