@@ -267,6 +267,10 @@ def _mean_spread(values: Sequence[float]) -> str:
     return f"{mean:.4g}" + (f" ±{(max(values) - min(values)) / 2:.2g}" if len(values) > 1 else "")
 
 
+LINE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#000000", "#b8860b", "#000080", "#32cd32", "#ff00ff", "#8b0000")  # tab10, then six more distinct
+
+
 def plot_encodings(records: Sequence[dict[str, Any]], path: Path) -> Path:
     """Two panels: PPL ratio to the sliding window vs length (past 1x), passkey accuracy vs length;
     mean over seeds with the 95% interval as error bars, one line per row of the table."""
@@ -290,8 +294,8 @@ def plot_encodings(records: Sequence[dict[str, Any]], path: Path) -> Path:
             xs = [L * 2 ** (0.03 * (i - (len(rows) - 1) / 2)) for L, _ in pts]  # side by side, not on top of each other
             ys = [s.mean for _, s in pts]
             err = [[s.mean - s.low for _, s in pts], [s.high - s.mean for _, s in pts]]
-            ax.errorbar(xs, ys, yerr=err, marker="os^D"[i // 10 % 4], color=f"C{i % 10}", capsize=3, label=row_label(e, m),
-                        linestyle="-" if m == "none" else "--")
+            ax.errorbar(xs, ys, yerr=err, marker="os^Dv"[i % 5], color=LINE_COLORS[i % len(LINE_COLORS)], capsize=3,
+                        label=row_label(e, m), linestyle="-" if m == "none" else "--")
         ax.set_xscale("log", base=2)
         lengths = sorted({L for _, _, L in cells})
         ax.xaxis.set_major_locator(FixedLocator(lengths))
@@ -301,14 +305,15 @@ def plot_encodings(records: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
     axes[0].set_yscale("log")
     axes[0].yaxis.set_major_formatter(plain)
     axes[0].yaxis.set_minor_formatter(plain)
     axes[0].axhline(1.0, color="grey", linewidth=0.8)
     axes[1].set_ylim(-0.05, 1.05)
     fig.suptitle("Lab position encodings: mean over seeds, 95% intervals")
-    fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, title="encoding (+ method)")
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=110)
     return path
 
