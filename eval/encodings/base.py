@@ -83,14 +83,18 @@ def remove_rotation(model: torch.nn.Module) -> None:
         setattr(rotary, buffer, torch.zeros_like(getattr(rotary, buffer)))
 
 
+def register_attention(name: str, function: Callable) -> str:
+    """Register ``function`` (with sdpa's mask function) as the attention ``name`` once; returns the name."""
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(name, function)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return name
+
+
 def use_attention(model: torch.nn.Module, name: str) -> str:
-    """Register ``lab_<name>`` (attention + sdpa's mask function) once and select it on ``model``."""
-    attn_name = PREFIX + name
-    if attn_name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        AttentionInterface.register(attn_name, lab_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(attn_name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    model.config._attn_implementation = attn_name
-    return attn_name
+    """Register ``lab_<name>`` (``lab_attention``) once and select it on ``model``."""
+    model.config._attn_implementation = register_attention(PREFIX + name, lab_attention)
+    return model.config._attn_implementation
 
 
 def allowed_keys(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:

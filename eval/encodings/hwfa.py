@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from rope_ext.methods import key_positions
 from rope_ext.validate import MAX_COUNT, boolean, integer
 
 from . import register
-from .base import PREFIX, Encoding, allowed_keys, attach, attention_layers
+from .base import PREFIX, Encoding, allowed_keys, attach, attention_layers, register_attention
 
 ATTENTION = PREFIX + "hwfa"
 
@@ -81,14 +79,6 @@ def no_rotation(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) ->
     (q * 1 + rotate_half(q) * 0 = q exactly)."""
     cos, sin = kwargs["position_embeddings"]
     return args, {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))}
-
-
-def register_attention(name: str, function: Any) -> str:
-    """Register ``function`` (with sdpa's mask function) as ``name`` once; returns the name."""
-    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        AttentionInterface.register(name, function)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return name
 
 
 @register("hwfa")

@@ -29,8 +29,8 @@ from rope_ext.rotary import cos_sin, rotate
 from rope_ext.validate import MAX_COUNT, integer, number
 
 from . import register
-from .base import PREFIX, Encoding, allowed_keys, attach, attention_layers, repeat_heads
-from .hwfa import no_rotation, positions_of, register_attention
+from .base import PREFIX, Encoding, allowed_keys, attach, attention_layers, register_attention, repeat_heads
+from .hwfa import no_rotation, positions_of
 
 ATTENTION = PREFIX + "inverse_leaky"
 DEFAULT_K = 0.125  # training covers distances up to w + 8 (T - 1 - w): past 6x the trained length at w = T / 4
