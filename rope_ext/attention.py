@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import PolicyLayer
 from .methods.base import Method
-from .methods.context import MODEL_MASK, AttentionContext, key_positions
+from .methods.context import MODEL_MASK, AttentionContext, key_positions, valid_queries
 from .methods.spec import RopeSpec
 from .rotary import apply_rotary, cos_sin, rotate
 
@@ -73,20 +73,11 @@ def _base_function(base: str, module: torch.nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
-def _query_validity(mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int) -> torch.Tensor:
-    """(B, Lq) True where a new token is real (it may attend itself), False for padding."""
-    if mask is None:
-        return torch.ones(batch, q_len, dtype=torch.bool)
-    diag = torch.diagonal(mask[:, 0, :, kv_len - q_len:], dim1=-2, dim2=-1)
-    allowed = diag if mask.dtype == torch.bool else diag > torch.finfo(mask.dtype).min / 2
-    return allowed.expand(batch, q_len)
-
-
 def _policy_view(layer: PolicyLayer, q_pos: torch.Tensor, mask: torch.Tensor | None, q_len: int, kv_len: int,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q_pos, k_pos, additive mask) of a call under a cache policy: the policy's positions; keys
     visible when they are real and arrived no later than the query."""
-    valid_q = _query_validity(mask, q_len, kv_len, q_pos.shape[0]).to(q_pos.device)
+    valid_q = valid_queries(mask, q_len, q_pos.shape[0]).to(q_pos.device)
     k_pos, valid = layer.attend_view(q_pos, valid_q)
     order = torch.arange(kv_len, device=q_pos.device)
     arrived = order[None, :] <= order[kv_len - q_len:, None]
@@ -130,7 +121,7 @@ def _context(module: torch.nn.Module, runtime: Runtime, base_name: str, query: t
         pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[None, :]
     q_pos = pos.to(query.device).expand(query.shape[0], -1)
     layer = runtime.policy_layer(module.layer_idx) if hasattr(module, "layer_idx") else None
-    if layer is not None:
+    if layer is not None and (layer.policy.repositions or not layer.policy.keeps_all):
         q_pos, k_pos, mask = _policy_view(layer, q_pos, mask, q_len, kv_len, query.dtype)
     else:
         k_pos = key_positions(q_pos, kv_len)
@@ -166,6 +157,7 @@ def _context(module: torch.nn.Module, runtime: Runtime, base_name: str, query: t
     ctx = AttentionContext(
         spec=spec, q_pos=q_pos, k_pos=k_pos, mask=mask, scaling=scaling, softcap=kwargs.get("softcap"),
         rotate=rotate_to, base=base, causal=causal, frequencies=frequencies, two_part_impl=runtime.two_part_impl,
+        memory=None if layer is None else layer.memory,
     )
     return ctx
 

@@ -8,6 +8,8 @@ cache does; the attention glue then asks it, for this call, where every entry is
 entries are padding (``attend_view``), and after the attention it drops what the policy does not
 keep (``evict``). ``get_seq_length`` counts every token seen, so positions keep counting past
 evictions; ``get_mask_sizes`` gives the model's mask the shape of what the attention will see.
+A layer also holds ``memory``, the method's per-layer state across calls (``ctx.memory``), reordered
+with the batch; a method with ``uses_layer_memory`` and no policy gets the keep-all ``CachePolicy``.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class PolicyLayer(DynamicLayer):
         self.seen = 0
         self.absolute: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
+        self.memory: dict[str, torch.Tensor] = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Append the new entries (their positions arrive with ``attend_view``) and return all."""
@@ -75,25 +78,28 @@ class PolicyLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.seen, self.absolute, self.valid = 0, None, None
+        self.memory.clear()
+
+    def _rows(self, select: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch reordering to the positions, validity and memory (batch-first tensors)."""
+        if self.absolute is not None:
+            self.absolute, self.valid = select(self.absolute), select(self.valid)
+        self.memory.update({name: select(t) for name, t in self.memory.items()})
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("a rope_ext cache policy keeps a subset of the tokens; it cannot be cropped (assisted decoding)")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.absolute is not None:
-            self.absolute, self.valid = self.absolute[beam_idx], self.valid[beam_idx]
+        self._rows(lambda t: t[beam_idx.to(t.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.absolute is not None:
-            self.absolute = self.absolute.repeat_interleave(repeats, dim=0)
-            self.valid = self.valid.repeat_interleave(repeats, dim=0)
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.absolute is not None:
-            self.absolute, self.valid = self.absolute[indices], self.valid[indices]
+        self._rows(lambda t: t[indices])
 
 
 def policy_cache(policy: CachePolicy, num_layers: int) -> DynamicCache:

@@ -23,6 +23,7 @@ from . import attention, cache, fused_rotary
 from .facts import main_spec, model_specs
 from .methods import registry
 from .methods.base import Method
+from .methods.context import CachePolicy
 from .methods.spec import RopeSpec
 from .recorder import Recorder
 from .rotary import resolve_kernel
@@ -169,6 +170,8 @@ def _apply(model, family, method: Method, specs, kernel: str, train_attention: A
             for config in model_configs(model):
                 rec.setattr(config, "_attn_implementation_internal", attn_name)
             policy = method.cache_policy()
+            if policy is None and method.uses_layer_memory:
+                policy = CachePolicy()
             if policy is not None:
                 cache.install(rec, model, policy, runtime.note_cache)
         if method.rotates == "static" and kernel == "triton":

@@ -10,7 +10,9 @@ For query i at position p (keys j at positions p_j, real tokens only, causal, op
     and far for i, or in one of the top-k such blocks by
         score_i(c) = sum_h Re(<R(w) q_h,i , r_g(h),c>)   (RoPE's score at distance w)
     where r_c is the mean of the ``representatives`` keys of block c with the largest dot product
-    with the block's mean key (ties: earlier key; top-k ties: earlier block).
+    with the block's mean key (ties: earlier key; top-k ties: earlier block), and q_h,i here is the
+    lookup query: the sum of q_h,t over the real tokens t among the row's last ``lookup_queries``
+    indices up to i.
 Scores use RoPE's complex form (RoFormer eq. 16): Re(sum_f z_q conj(z_k) e^{i r theta_f}) on the
 rotary dims plus q.k on the rest.
 """
@@ -48,7 +50,7 @@ def block_memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     B, H, L, _ = q.shape
     group = H // k.shape[1]
     w, n_init, bs = params["window"], params["init_tokens"], params["block_size"]
-    r, topk = params["representatives"], params["topk"]
+    r, topk, n_lookup = params["representatives"], params["topk"], params["lookup_queries"]
     out = torch.zeros(B, L, H, v.shape[-1], dtype=torch.float64)
     for b in range(B):
         index_of = {int(positions[b, j]): j for j in range(L) if padding[b, j]}
@@ -60,7 +62,8 @@ def block_memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
             p = int(positions[b, i])
             candidates = [c for c in reps if n_init + (c + 1) * bs - 1 <= p - w]
             far_rel = torch.tensor(float(w))
-            score = {c: sum(float(rope_score(q[b, h, i], reps[c][h // group], far_rel, theta, magnitude, rotary_dim).detach())
+            lookup = sum(q[b, :, t] for t in range(max(0, i - n_lookup + 1), i + 1) if padding[b, t])
+            score = {c: sum(float(rope_score(lookup[h], reps[c][h // group], far_rel, theta, magnitude, rotary_dim).detach())
                             for h in range(H)) for c in candidates}
             chosen = set(sorted(candidates, key=lambda c: (-score[c], c))[:topk])
             keys, rels = [], []

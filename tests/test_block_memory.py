@@ -19,9 +19,9 @@ from rope_ext.methods.spec import RopeSpec
 from rope_ext.rotary import cos_sin, rotate
 
 D, BASE = 16, 10000.0
-SMALL = dict(window=10, init_tokens=3, block_size=4, representatives=2, topk=3)
-PARAMS = [SMALL, {**SMALL, "init_tokens": 0, "representatives": 4, "topk": 1},
-          {**SMALL, "window": 7, "block_size": 5, "representatives": 1, "topk": 2}]
+SMALL = dict(window=10, init_tokens=3, block_size=4, representatives=2, topk=3, lookup_queries=4)
+PARAMS = [SMALL, {**SMALL, "init_tokens": 0, "representatives": 4, "topk": 1, "lookup_queries": 1},
+          {**SMALL, "window": 7, "block_size": 5, "representatives": 1, "topk": 2, "lookup_queries": 9}]
 
 
 def context(q_pos: torch.Tensor, k_pos: torch.Tensor, padding: torch.Tensor | None, softcap: float | None = None) -> AttentionContext:
@@ -95,12 +95,35 @@ def test_bfloat16_attention_is_within_its_rounding_of_the_reference():
 
 
 def test_selection_matters_in_the_reference_cases():
-    """The cases above see the lookup: keeping every block changes the reference's output."""
+    """The cases above see the lookup: keeping every block, or looking up by each query alone,
+    changes the reference's output."""
     q, k, v, pos, pad = dense_inputs(2, 4, 2, 70, D, pad=7)
     theta = rope_theta(BASE, D)
     few = block_memory_attention(q, k, v, pos, pad, SMALL, theta, 1.0, D, D ** -0.5)
     every = block_memory_attention(q, k, v, pos, pad, {**SMALL, "topk": 100}, theta, 1.0, D, D ** -0.5)
-    assert (few - every)[pad].abs().max() > 1e-2
+    alone = block_memory_attention(q, k, v, pos, pad, {**SMALL, "lookup_queries": 1}, theta, 1.0, D, D ** -0.5)
+    assert (few - every)[pad].abs().max() > 1e-2 and (few - alone)[pad].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_lookup_queries_over_pieces_equal_one_call(n):
+    """The lookup query is the sum of the row's last n real queries; calls over the pieces of a
+    sequence, each given the previous call's tail, give the one-call sums (to float32 rounding)."""
+    q = torch.randn(2, 3, 20, 5)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, :6] = False
+    whole, tail = bm.lookup_queries(q, valid, None, n)
+    kept = q.masked_fill(~valid[:, None, :, None], 0.0)
+    expected = torch.stack([kept[:, :, max(0, i - n + 1): i + 1].sum(dim=2) for i in range(20)], dim=2)
+    assert torch.allclose(whole, expected, atol=1e-5)
+    assert torch.equal(tail, kept[:, :, 20 - (n - 1):]) and tail.shape[2] == n - 1
+    past, pieces = None, []
+    for s, e in [(0, 7), (7, 8), (8, 15), (15, 20)]:
+        got, past = bm.lookup_queries(q[:, :, s:e], valid[:, s:e], past, n)
+        pieces.append(got)
+    assert torch.allclose(torch.cat(pieces, dim=2), whole, atol=1e-5)
+    with pytest.raises(ValueError, match=r"lookup queries of shape \(1, 3, 2, 5\)"):
+        bm.lookup_queries(q, valid, torch.zeros(1, 3, 2, 5), 3 if n != 3 else 4)
 
 
 def test_representatives_are_the_block_mean_or_its_most_aligned_keys():
@@ -162,7 +185,7 @@ def test_cached_generation_equals_full_recompute(dtype, tol, B, step):
     decoding (token by token, or 3 at a time) gives the logits of recomputing the whole sequence,
     past the window and many blocks."""
     model = make_tiny("llama", dtype=dtype, initializer_range=0.1)
-    params = method_params("block_memory", model, 80)
+    params = method_params("block_memory", model, 80, lookup_queries=5)
     L, prefix = 80, 44
     ids = torch.randint(3, 97, (B, L))
     mask = torch.ones(B, L, dtype=torch.long)
@@ -185,6 +208,7 @@ def test_cached_generation_equals_full_recompute(dtype, tol, B, step):
     ({"representatives": 5}, r"representatives=5 must be <= block_size=4"),
     ({"block_size": 0}, r"block_size must be an integer >= 1, got 0"),
     ({"topk": 0}, r"topk must be an integer >= 1, got 0"),
+    ({"lookup_queries": 0}, r"lookup_queries must be an integer >= 1, got 0"),
     ({"init_tokens": -1}, r"init_tokens must be an integer >= 0, got -1"),
     ({"window": 0}, r"window must be an integer >= 1, got 0"),
     ({"window": TRAINED}, rf"window={TRAINED} must be < the trained length {TRAINED}"),
@@ -201,5 +225,21 @@ def test_bad_parameters_are_refused_before_the_model_changes(given, message):
 def test_defaults_are_infllms_llama3_config_at_its_trained_length():
     spec = RopeSpec(rope_theta=500000.0, rotary_dim=128, trained_length=8192, head_dim=128, num_heads=32)
     assert bm.BlockMemory.defaults_for(spec, 32768) == dict(window=4096, block_size=128, init_tokens=128,
-                                                           representatives=4, topk=16)
+                                                           representatives=4, topk=16, lookup_queries=512)
     assert bm.BlockMemory.defaults_for(spec, 32768, block_size=64)["topk"] == 32
+
+
+@torch.inference_mode()
+def test_beam_reordering_carries_the_lookup_queries():
+    """A cache reordered between steps (as beam search does) decodes the reordered rows exactly:
+    each layer's lookup queries move with their row."""
+    model = make_tiny("llama", initializer_range=0.1)
+    params = method_params("block_memory", model, 80, lookup_queries=5)
+    ids = torch.randint(3, 97, (2, 80))
+    with rope_ext.patched(model, "block_memory", **params):
+        swapped = model(ids.flip(0)).logits[:, 60:]
+        cache = {cache_kwarg(model): DynamicCache(config=model.config)}
+        model(ids[:, :60], use_cache=True, **cache)
+        cache[cache_kwarg(model)].reorder_cache(torch.tensor([1, 0]))
+        got = torch.cat([model(ids.flip(0)[:, t:t + 1], use_cache=True, **cache).logits for t in range(60, 80)], dim=1)
+    assert (got - swapped).abs().max() <= 1e-4

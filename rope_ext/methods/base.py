@@ -10,6 +10,7 @@ A method answers, and nothing else:
   * ``attend(q, k, v, ctx)``: the attention output, when the method changes more than frequencies
     (``ctx``: ``rope_ext.methods.context.AttentionContext``; call ``rope_ext.kernels`` directly);
   * ``cache_policy()``: what the KV cache keeps and where kept keys sit (``CachePolicy``), or None;
+  * ``uses_layer_memory``: True when ``attend`` keeps state of its own in the KV cache (``ctx.memory``);
   * ``defaults_for(spec, length, **given)``: its parameters for a target length (the one source
     that eval, calc and longlora use, and the example the shared test suite runs).
 The patch (``rope_ext.patch``) and the glue to transformers (``rope_ext.attention``,
@@ -53,6 +54,7 @@ class Method:
     summary: ClassVar[str] = ""
     reference: ClassVar[str] = ""
     for_pretrained_rope: ClassVar[bool] = True
+    uses_layer_memory: ClassVar[bool] = False
 
     logn: bool = False
     original_max_position_embeddings: int | None = None

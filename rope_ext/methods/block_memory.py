@@ -7,9 +7,10 @@ For a query at position p, the keys it may attend split into
     position w, keys unrotated: InfLLM rotates its global queries to n_local, memory keys to 0):
       - initial tokens (p_j < init_tokens, InfLLM's n_init): always;
       - memory blocks: positions init_tokens + c * block_size .. + block_size - 1. A block wholly far
-        for the query is a *candidate*; its score is the query's dot product with the block's
-        representative (summed over heads, as InfLLM's default), and the ``topk`` best candidates are
-        attended (InfLLM sec. 3.2: "memory lookup");
+        for the query is a *candidate*; its score is the dot product of the lookup query (the sum of
+        the row's last ``lookup_queries`` queries, the query itself included, padding as zero) with
+        the block's representative (summed over heads, as InfLLM's default), and the ``topk`` best
+        candidates are attended (InfLLM sec. 3.2: "memory lookup");
       - far keys of blocks not yet wholly far (InfLLM's "remainder"): always.
 The two parts (local, far) are merged by log-sum-exp (``kernels.two_part_merged.merge``).
 
@@ -17,12 +18,16 @@ Where this differs from InfLLM, and why (cached decoding must equal a full recom
   * representative keys (InfLLM sec. 3.2 picks the r keys that received the largest attention from
     the queries of their local window) are the r keys with the largest dot product with the
     block's mean key, averaged: they depend only on the block's keys, which a decode step has;
-  * the lookup is per query (InfLLM scores the mean query of a 512-token chunk), so a token's
-    selection never depends on the tokens sharing its forward call;
+  * the lookup query is the mean of a sliding causal window of queries (InfLLM scores the mean
+    query of its 512-token execution block, exc_block_size, which depends on how the input is cut
+    into calls): a token's selection never depends on the tokens sharing its forward call, and
+    neighbouring queries share most of their selection, so the far part's union of blocks over a
+    chunk of rows stays near ``topk``. ``lookup_queries`` = 1 is a per-query lookup. A decode step
+    needs the last ``lookup_queries`` - 1 queries: each layer keeps them in the KV cache
+    (``ctx.memory``, float32, (B, H, lookup_queries - 1, d));
   * no GPU/CPU offloading and no LRU: the KV cache is transformers' own and keeps every token
-    (unrotated, as for any deferred-rotation method), so no cache policy is needed and the cache's
-    memory is the plain KV cache's. Representatives are recomputed from the cached keys at each call
-    (one extra pass over the keys), not stored. Transient memory per layer call: a float32 copy of
+    (unrotated, as for any deferred-rotation method) and the lookup queries above. Representatives
+    are recomputed from the cached keys at each call (one extra pass over the keys), not stored. Transient memory per layer call: a float32 copy of
     the keys rotated by -w (and one in the model dtype), block scores (B, Lq, n blocks), and per
     chunk of ``CHUNK`` query rows the gathered far keys / values and an additive mask over them.
 
@@ -49,6 +54,8 @@ BLOCK_FRACTION = 64  # InfLLM's Llama-3 config (L0 = 8192): block_size = n_init 
 MIN_BLOCK = 4
 MEMORY_FRACTION = 4  # ... and topk * block_size = 16 * 128 = L0 / 4 tokens of selected memory
 REPR_FRACTION = 32  # ... and repr_topk = 4 = block_size / 32
+LOOKUP_FRACTION = 16  # ... and exc_block_size = 512 = L0 / 16 queries per lookup
+MEMORY_KEY = "lookup_queries"
 
 
 def representatives(blocks: torch.Tensor, r: int) -> torch.Tensor:
@@ -61,6 +68,25 @@ def representatives(blocks: torch.Tensor, r: int) -> torch.Tensor:
     score = (blocks * centre).sum(dim=-1)
     top = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :r]
     return blocks.gather(-2, top[..., None].expand(*top.shape, blocks.shape[-1])).mean(dim=-2)
+
+
+def lookup_queries(query: torch.Tensor, valid: torch.Tensor, past: torch.Tensor | None, n: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lookup query of each row (B, H, Lq, d) float32: the sum of its last ``n`` queries, itself
+    included (``past`` (B, H, n - 1, d): the queries before this call, None: none; padding, ``valid``
+    (B, Lq) False, counts as zero), and the last n - 1 queries for the next call. Summed as float64
+    differences of a cumulative sum, so one call over a sequence and many calls over its pieces agree
+    to float32 rounding."""
+    B, H, Lq, d = query.shape
+    new = query.float().masked_fill(~valid[:, None, :, None], 0.0)
+    if past is None:
+        past = new.new_zeros(B, H, n - 1, d)
+    elif past.shape != (B, H, n - 1, d):
+        raise ValueError(f"block_memory: the cache holds lookup queries of shape {tuple(past.shape)}, this call "
+                         f"needs {(B, H, n - 1, d)}; a cache serves one model patched with one block_memory")
+    seq = torch.cat([past, new], dim=2)
+    total = torch.cat([seq.new_zeros(B, H, 1, d, dtype=torch.float64), seq.double().cumsum(dim=2)], dim=2)
+    return (total[:, :, n:] - total[:, :, :Lq]).float(), seq[:, :, seq.shape[2] - (n - 1):].clone()
 
 
 def block_scores(query: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
@@ -189,6 +215,8 @@ class BlockMemory(WindowedMethod):
     block_size: int
     representatives: int
     topk: int
+    lookup_queries: int
+    uses_layer_memory: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -196,6 +224,7 @@ class BlockMemory(WindowedMethod):
         check_int(self, "block_size", minimum=1)
         check_int(self, "representatives", minimum=1)
         check_int(self, "topk", minimum=1)
+        check_int(self, "lookup_queries", minimum=1)
         if self.representatives > self.block_size:
             raise ValueError(f"{self.name}: representatives={self.representatives} must be <= block_size="
                              f"{self.block_size} (the representative keys are picked from one block's keys)")
@@ -205,8 +234,8 @@ class BlockMemory(WindowedMethod):
         """InfLLM's Llama-3-8B config (thunlp/InfLLM config/llama-3-inf-llm.yaml, trained 8192:
         n_local 4096, n_init 128, block_size 128, topk 16, repr_topk 4) scaled to the trained
         length L0: window L0 / 2, block_size = init_tokens = L0 / 64 (at least 4), topk blocks
-        holding L0 / 4 tokens, representatives block_size / 32 (at least 1). Length-independent,
-        as in InfLLM."""
+        holding L0 / 4 tokens, representatives block_size / 32 (at least 1), lookup over L0 / 16
+        queries (exc_block_size 512; at least 1). Length-independent, as in InfLLM."""
         params = super().defaults_for(spec, length, **given)
         trained = cls.trained(spec, params)
         block = params.setdefault("block_size", max(MIN_BLOCK, trained // BLOCK_FRACTION))
@@ -215,11 +244,19 @@ class BlockMemory(WindowedMethod):
         params.setdefault("init_tokens", block)
         params.setdefault("representatives", max(1, block // REPR_FRACTION))
         params.setdefault("topk", max(1, trained // (MEMORY_FRACTION * block)))
+        params.setdefault("lookup_queries", max(1, trained // LOOKUP_FRACTION))
         return params
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        within = int((ctx.q_pos[:, -1] - ctx.k_pos[:, 0]).max()) < self.window
+        if ctx.memory is not None or not within:
+            with torch.no_grad():
+                past = None if ctx.memory is None else ctx.memory.get(MEMORY_KEY)
+                lookup, recent = lookup_queries(query, ctx.query_valid(), past, self.lookup_queries)
+            if ctx.memory is not None:
+                ctx.memory[MEMORY_KEY] = recent
         q_near = ctx.rotate(query, ctx.q_pos, "q")
-        if int((ctx.q_pos[:, -1] - ctx.k_pos[:, 0]).max()) < self.window:
+        if within:
             return ctx.base(q_near, ctx.rotate(key, ctx.k_pos, "k"), value)
         k_near = ctx.rotate(key, ctx.k_pos, "k")
         # far part: (R(w) q) . k = q . (R(-w) k): rotate the keys (fewer under GQA), not the queries
@@ -231,7 +268,7 @@ class BlockMemory(WindowedMethod):
         with torch.no_grad():
             reps = self._representatives(k_far32, layout)
             candidate = candidate_blocks(ctx.q_pos, layout.present, self.init_tokens, self.block_size, self.window)
-            selected = select_blocks(block_scores(query.float(), reps), candidate, self.topk)
+            selected = select_blocks(block_scores(lookup, reps), candidate, self.topk)
         eager = bool(ctx.softcap) or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
         band = self._band(min(CHUNK, query.shape[2]), query.dtype) if mask is None and aligned(ctx.q_pos, ctx.k_pos) else None
         B, H, Lq = query.shape[:3]

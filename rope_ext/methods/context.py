@@ -38,6 +38,16 @@ def key_positions(q_pos: torch.Tensor, kv_length: int) -> torch.Tensor:
     return torch.cat([cached, q_pos], dim=1)
 
 
+def valid_queries(mask: torch.Tensor | None, q_len: int, batch: int) -> torch.Tensor:
+    """(B, Lq) True where a new token is real, from the model's mask (additive float or bool,
+    (B|1, H|1, Lq, Lk), the queries the last Lq keys; None: no padding): a real token may attend itself."""
+    if mask is None:
+        return torch.ones(batch, q_len, dtype=torch.bool)
+    diag = torch.diagonal(mask[:, 0, :, mask.shape[-1] - q_len:], dim1=-2, dim2=-1)
+    allowed = diag if mask.dtype == torch.bool else diag > torch.finfo(mask.dtype).min / 2
+    return allowed.expand(batch, q_len)
+
+
 @dataclass
 class AttentionContext:
     """One attention call of one layer: q/k/v are (B, H, L, d) with the KV heads not repeated.
@@ -49,7 +59,9 @@ class AttentionContext:
     ``tag``); ``base(q, k, v, mask=MODEL_MASK)`` is the model's own attention implementation,
     returning (B, Lq, H, d); ``causal(q, k, v)`` is that implementation with a plain causal mask over
     equal-length q and k (for training-time patterns such as S2-Attn); ``frequencies()`` gives the
-    method's (theta_i, cos/sin magnitude) at this call's length."""
+    method's (theta_i, cos/sin magnitude) at this call's length. ``memory`` is this layer's scratch
+    in the KV cache the call runs with, kept across its calls (for a method with ``uses_layer_memory``;
+    None without a cache): what a method stores there must be batch-first tensors."""
 
     spec: RopeSpec
     q_pos: torch.Tensor
@@ -62,6 +74,7 @@ class AttentionContext:
     causal: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     frequencies: Callable[[], tuple[torch.Tensor, float]]
     two_part_impl: str = "merged"
+    memory: dict[str, torch.Tensor] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -76,6 +89,10 @@ class AttentionContext:
         if mask.dtype == torch.bool:
             return mask
         return mask > torch.finfo(mask.dtype).min / 2
+
+    def query_valid(self) -> torch.Tensor:
+        """(B, Lq) True where a query is a real token, False for padding."""
+        return valid_queries(self.mask, self.q_pos.shape[1], self.q_pos.shape[0]).to(self.q_pos.device)
 
     def additive(self, dtype: torch.dtype) -> torch.Tensor:
         """The mask as an additive float mask (0 where allowed, the dtype's minimum elsewhere)."""
@@ -97,6 +114,11 @@ class CachePolicy:
     def positions(self, absolute: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Positions (B, N) at which the entries are attended (the last Lq are the new queries')."""
         return absolute
+
+    @property
+    def keeps_all(self) -> bool:
+        """True when ``keep`` is the plain cache's (every entry stays)."""
+        return type(self).keep is CachePolicy.keep
 
     @property
     def repositions(self) -> bool:
