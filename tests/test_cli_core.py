@@ -22,7 +22,8 @@ from rope_ext.methods import REGISTRY
 from rope_ext.patch import model_specs
 
 SAMPLE_PARAMS = {"factor": 2.0, "window": 8, "k": 2.0, "group_size": 2, "segments": (16, 32), "dilations": (1, 2),
-                 "init_tokens": 2, "block_size": 4, "representatives": 1, "topk": 2, "chunk_size": 8, "local_window": 2}
+                 "init_tokens": 2, "block_size": 4, "representatives": 1, "topk": 2, "lookup_queries": 3, "chunk_size": 8,
+                 "local_window": 2}
 
 
 def run_json(capsys, *argv: str):

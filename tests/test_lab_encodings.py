@@ -16,43 +16,18 @@ from safetensors.torch import load_file, save_file
 from rope_ext.commands.pretrain import encoding_names
 from rope_ext.cli import main
 from rope_ext.eval import encodings
-from rope_ext.eval.corpus import load_corpus
-from rope_ext.eval.lab import (
-    LabConfig,
-    build_model,
-    lab_config,
-    lm_loss,
-    load_lab,
-    pretrain,
-    random_windows,
-    save_lab,
-    train_loop,
-    trained_encoding,
-)
+from rope_ext.eval.lab import LabConfig, build_model, lab_config, load_lab, pretrain, trained_encoding
 from rope_ext.eval.lab_passkey import PasskeyLabConfig, finetune_passkey
 from rope_ext.eval.ppl import perplexity
-from rope_ext.eval.tokens import byte_tokenizer, encode
+from test_lab_enc_xpos import train_save_load
 
 ENC_LAB = dict(context=16, layers=2, hidden=32, heads=2, intermediate=32, steps=5, batch=4, warmup=1)
 MINE = [("kerple_log", ()), ("kerple_power", ()), ("fire", (("init_threshold", 8.0),)), ("cope", ())]
 
 
-def train_save_load(tmp_path: Path, corpus: str, position: str, pe_params: tuple = ()) -> tuple[Any, Any, list[float]]:
-    """A 5-step lab run on ``corpus``, saved with save_lab and loaded with load_lab: (trained, loaded, losses)."""
-    cfg = LabConfig(**ENC_LAB, position=position, pe_params=pe_params, corpus=corpus)
-    tokenizer = byte_tokenizer()
-    ids = encode(tokenizer, load_corpus(corpus, split="train").text())
-    model = build_model(cfg, len(tokenizer))
-    batches = random_windows(ids, cfg.context, cfg.batch, torch.Generator().manual_seed(0))
-    losses = train_loop(model, batches, lm_loss, cfg.steps, cfg.lr, cfg.warmup, cfg.weight_decay, desc=position)
-    path = save_lab(model, tokenizer, tmp_path / position, {"kind": "lm", "config": dataclasses.asdict(cfg)})
-    loaded, _ = load_lab(path)
-    return model, loaded, losses
-
-
 def check_lab_run(tmp_path: Path, corpus: str, position: str, pe_params: tuple = ()) -> Any:
     """The loss falls, the reloaded model's logits equal the trained one's bitwise, ppl at 4x runs."""
-    model, loaded, losses = train_save_load(tmp_path, corpus, position, pe_params)
+    model, loaded, losses = train_save_load(tmp_path, corpus, position, **dict(pe_params))
     assert losses[-1] < losses[0]
     assert trained_encoding(loaded) == encodings.build(position, dict(pe_params))
     x = torch.randint(3, 259, (2, 4 * ENC_LAB["context"]), generator=torch.Generator().manual_seed(1))
