@@ -53,7 +53,6 @@ CHUNK = 256  # query rows per call: the far call reads the union of its rows' se
 BLOCK_FRACTION = 64  # InfLLM's Llama-3 config (L0 = 8192): block_size = n_init = 128 = L0 / 64
 MIN_BLOCK = 4
 MEMORY_FRACTION = 4  # ... and topk * block_size = 16 * 128 = L0 / 4 tokens of selected memory
-REPR_FRACTION = 32  # ... and repr_topk = 4 = block_size / 32
 LOOKUP_FRACTION = 16  # ... and exc_block_size = 512 = L0 / 16 queries per lookup
 MEMORY_KEY = "lookup_queries"
 
@@ -234,15 +233,19 @@ class BlockMemory(WindowedMethod):
         """InfLLM's Llama-3-8B config (thunlp/InfLLM config/llama-3-inf-llm.yaml, trained 8192:
         n_local 4096, n_init 128, block_size 128, topk 16, repr_topk 4) scaled to the trained
         length L0: window L0 / 2, block_size = init_tokens = L0 / 64 (at least 4), topk blocks
-        holding L0 / 4 tokens, representatives block_size / 32 (at least 1), lookup over L0 / 16
-        queries (exc_block_size 512; at least 1). Length-independent, as in InfLLM."""
+        holding L0 / 4 tokens, lookup over L0 / 16 queries (exc_block_size 512; at least 1).
+        Length-independent, as in InfLLM. Not InfLLM's: representatives = block_size, the block's
+        mean key. InfLLM's repr_topk 4 keys, taken as the 4 most aligned with the block mean (its
+        attention-based pick needs queries a decode step lacks), found 1-2 of 12 passkeys past the
+        window on SmolLM2 where the mean found 10-11 of 12 and attending every block 12 of 12
+        (benchmarks/results/block_memory_retrieval.txt)."""
         params = super().defaults_for(spec, length, **given)
         trained = cls.trained(spec, params)
         block = params.setdefault("block_size", max(MIN_BLOCK, trained // BLOCK_FRACTION))
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             block = max(MIN_BLOCK, trained // BLOCK_FRACTION)  # the given one is refused by name at construction
         params.setdefault("init_tokens", block)
-        params.setdefault("representatives", max(1, block // REPR_FRACTION))
+        params.setdefault("representatives", block)
         params.setdefault("topk", max(1, trained // (MEMORY_FRACTION * block)))
         params.setdefault("lookup_queries", max(1, trained // LOOKUP_FRACTION))
         return params
