@@ -106,24 +106,26 @@ def test_selection_matters_in_the_reference_cases():
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])
-def test_lookup_queries_over_pieces_equal_one_call(n):
-    """The lookup query is the sum of the row's last n real queries; calls over the pieces of a
-    sequence, each given the previous call's tail, give the one-call sums (to float32 rounding)."""
-    q = torch.randn(2, 3, 20, 5)
+def test_lookup_sums_the_last_n_queries_and_pieces_equal_one_call(n):
+    """The lookup score is the sum of the row's last n real queries' scores; calls over the pieces
+    of a sequence, each given the previous call's last n - 1 queries, give the one-call sums."""
+    q, reps = torch.randn(2, 4, 20, 5), torch.randn(2, 2, 6, 5)
     valid = torch.ones(2, 20, dtype=torch.bool)
     valid[1, :6] = False
-    whole, tail = bm.lookup_queries(q, valid, None, n)
+    window = bm.lookup_window(q, valid, None, n)
+    whole = bm.window_sums(bm.block_scores(window, reps), n)
     kept = q.masked_fill(~valid[:, None, :, None], 0.0)
-    expected = torch.stack([kept[:, :, max(0, i - n + 1): i + 1].sum(dim=2) for i in range(20)], dim=2)
-    assert torch.allclose(whole, expected, atol=1e-5)
-    assert torch.equal(tail, kept[:, :, 20 - (n - 1):]) and tail.shape[2] == n - 1
+    lookup = torch.stack([kept[:, :, max(0, i - n + 1): i + 1].sum(dim=2) for i in range(20)], dim=2)
+    assert torch.allclose(whole, bm.block_scores(lookup, reps), atol=1e-4)
+    assert window.shape[2] == n - 1 + 20 and torch.equal(window[:, :, n - 1:], kept)
     past, pieces = None, []
     for s, e in [(0, 7), (7, 8), (8, 15), (15, 20)]:
-        got, past = bm.lookup_queries(q[:, :, s:e], valid[:, s:e], past, n)
-        pieces.append(got)
-    assert torch.allclose(torch.cat(pieces, dim=2), whole, atol=1e-5)
-    with pytest.raises(ValueError, match=r"lookup queries of shape \(1, 3, 2, 5\)"):
-        bm.lookup_queries(q, valid, torch.zeros(1, 3, 2, 5), 3 if n != 3 else 4)
+        window = bm.lookup_window(q[:, :, s:e], valid[:, s:e], past, n)
+        pieces.append(bm.window_sums(bm.block_scores(window, reps), n))
+        past = window[:, :, window.shape[2] - (n - 1):]
+    assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-4)
+    with pytest.raises(ValueError, match=r"lookup queries of shape \(1, 4, 2, 5\)"):
+        bm.lookup_window(q, valid, torch.zeros(1, 4, 2, 5), 3 if n != 3 else 4)
 
 
 def test_representatives_are_the_block_mean_or_its_most_aligned_keys():

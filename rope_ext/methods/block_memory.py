@@ -59,23 +59,23 @@ MEMORY_KEY = "lookup_queries"
 
 def representatives(blocks: torch.Tensor, r: int) -> torch.Tensor:
     """One representative per block (..., n, bs, d) -> (..., n, d): the mean of the r keys with the
-    largest dot product with the block's mean key (ties: the earlier key). InfLLM (sec. 3.2, block-level
-    memory units) takes the r keys of largest representative score, the dot products with the queries
-    of the following local window (its code: the attention they received there); the block's mean key
-    stands in for those queries, so the representative depends on the block's keys only."""
+    largest dot product with the block's mean key (ties: the earlier key); r = bs: the mean key.
+    InfLLM (sec. 3.2, block-level memory units) takes the r keys of largest representative score,
+    the dot products with the queries of the following local window (its code: the attention they
+    received there); the block's mean key stands in for those queries, so the representative depends
+    on the block's keys only."""
     centre = blocks.mean(dim=-2, keepdim=True)
+    if r == blocks.shape[-2]:
+        return centre.squeeze(-2)
     score = (blocks * centre).sum(dim=-1)
     top = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :r]
     return blocks.gather(-2, top[..., None].expand(*top.shape, blocks.shape[-1])).mean(dim=-2)
 
 
-def lookup_queries(query: torch.Tensor, valid: torch.Tensor, past: torch.Tensor | None, n: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lookup query of each row (B, H, Lq, d) float32: the sum of its last ``n`` queries, itself
-    included (``past`` (B, H, n - 1, d): the queries before this call, None: none; padding, ``valid``
-    (B, Lq) False, counts as zero), and the last n - 1 queries for the next call. Summed as float64
-    differences of a cumulative sum, so one call over a sequence and many calls over its pieces agree
-    to float32 rounding."""
+def lookup_window(query: torch.Tensor, valid: torch.Tensor, past: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The queries this call's lookups read (B, H, n - 1 + Lq, d) float32: the row's n - 1 queries
+    before the call (``past``; None: none, zeros), then the call's own, padding (``valid`` (B, Lq)
+    False) zeroed. Its last n - 1 rows are the next call's ``past``."""
     B, H, Lq, d = query.shape
     new = query.float().masked_fill(~valid[:, None, :, None], 0.0)
     if past is None:
@@ -83,9 +83,17 @@ def lookup_queries(query: torch.Tensor, valid: torch.Tensor, past: torch.Tensor 
     elif past.shape != (B, H, n - 1, d):
         raise ValueError(f"block_memory: the cache holds lookup queries of shape {tuple(past.shape)}, this call "
                          f"needs {(B, H, n - 1, d)}; a cache serves one model patched with one block_memory")
-    seq = torch.cat([past, new], dim=2)
-    total = torch.cat([seq.new_zeros(B, H, 1, d, dtype=torch.float64), seq.double().cumsum(dim=2)], dim=2)
-    return (total[:, :, n:] - total[:, :, :Lq]).float(), seq[:, :, seq.shape[2] - (n - 1):].clone()
+    return torch.cat([past, new], dim=2)
+
+
+def window_sums(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n - 1 + Lq, m) -> (B, Lq, m): row i is the sum of rows i .. i + n - 1, as float64
+    differences of a cumulative sum (one call over a sequence and calls over its pieces agree to
+    float32 rounding). With ``block_scores`` of ``lookup_window``: the lookup query's score, the sum
+    of the last n queries' (the score is linear in the query)."""
+    total = torch.cat([scores.new_zeros(scores.shape[0], 1, scores.shape[2], dtype=torch.float64),
+                       scores.double().cumsum(dim=1)], dim=1)
+    return (total[:, n:] - total[:, : total.shape[1] - n]).float()
 
 
 def block_scores(query: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
@@ -255,9 +263,9 @@ class BlockMemory(WindowedMethod):
         if ctx.memory is not None or not within:
             with torch.no_grad():
                 past = None if ctx.memory is None else ctx.memory.get(MEMORY_KEY)
-                lookup, recent = lookup_queries(query, ctx.query_valid(), past, self.lookup_queries)
+                lookup = lookup_window(query, ctx.query_valid(), past, self.lookup_queries)
             if ctx.memory is not None:
-                ctx.memory[MEMORY_KEY] = recent
+                ctx.memory[MEMORY_KEY] = lookup[:, :, lookup.shape[2] - (self.lookup_queries - 1):].clone()
         q_near = ctx.rotate(query, ctx.q_pos, "q")
         if within:
             return ctx.base(q_near, ctx.rotate(key, ctx.k_pos, "k"), value)
@@ -271,7 +279,7 @@ class BlockMemory(WindowedMethod):
         with torch.no_grad():
             reps = self._representatives(k_far32, layout)
             candidate = candidate_blocks(ctx.q_pos, layout.present, self.init_tokens, self.block_size, self.window)
-            selected = select_blocks(block_scores(lookup, reps), candidate, self.topk)
+            selected = select_blocks(window_sums(block_scores(lookup, reps), self.lookup_queries), candidate, self.topk)
         eager = bool(ctx.softcap) or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
         band = self._band(min(CHUNK, query.shape[2]), query.dtype) if mask is None and aligned(ctx.q_pos, ctx.k_pos) else None
         B, H, Lq = query.shape[:3]
