@@ -27,9 +27,10 @@ Where this differs from InfLLM, and why (cached decoding must equal a full recom
     (``ctx.memory``, float32, (B, H, lookup_queries - 1, d));
   * no GPU/CPU offloading and no LRU: the KV cache is transformers' own and keeps every token
     (unrotated, as for any deferred-rotation method) and the lookup queries above. Representatives
-    are recomputed from the cached keys at each call (one extra pass over the keys), not stored. Transient memory per layer call: a float32 copy of
-    the keys rotated by -w (and one in the model dtype), block scores (B, Lq, n blocks), and per
-    chunk of ``CHUNK`` query rows the gathered far keys / values and an additive mask over them.
+    are recomputed from the cached keys at each call (one extra pass over the keys), not stored.
+    Transient memory per layer call: a float32 copy of the keys rotated by -w (and one in the model
+    dtype), block scores (B, Lq, n blocks), and per chunk of ``CHUNK`` query rows the gathered far
+    keys / values and an additive mask over them.
 
 The far part runs per chunk of query rows on one gather of the keys any row needs: the blocks every
 row may select and some row did, masked per block, and the keys at the window's edge (initial tokens,
