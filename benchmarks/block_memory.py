@@ -53,6 +53,8 @@ def main() -> None:
         print(f"{name}: block_memory{params}")
         print(f"  plain SDPA {p:8.2f} s   block_memory {b:8.2f} s   ratio {b / p:.3f}x   target <= {TARGET}x "
               f"{'met' if b / p <= TARGET else 'NOT met'}   load average {os.getloadavg()[0]:.2f}")
+        print(f"  medians of {args.rounds} round(s); per round (plain s, block_memory s, ratio): "
+              + ", ".join(f"({x:.2f}, {y:.2f}, {y / x:.3f}x)" for x, y in zip(plain, patched)))
         del model
 
 

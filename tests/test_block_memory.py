@@ -68,17 +68,23 @@ def test_attention_without_a_mask_and_with_a_softcap_equals_the_reference(chunk,
     got = method(**SMALL).attend(q, k, v, context(pos, pos, None))
     ref = block_memory_attention(q, k, v, pos, pad, SMALL, rope_theta(BASE, D), 1.0, D, D ** -0.5)
     assert (got.double() - ref).abs().max() <= 2e-6
-    capped = method(**SMALL).attend(q, k, v, context(pos, pos, pad, softcap=1.5))
     ref_capped = block_memory_attention(q, k, v, pos, pad, SMALL, rope_theta(BASE, D), 1.0, D, D ** -0.5, softcap=1.5)
-    assert (capped.double() - ref_capped).abs().max() <= 2e-6 and (ref_capped - ref).abs().max() > 1e-2
+    assert (ref_capped - ref).abs().max() > 1e-2
+    for padding in (pad, None):  # the dense differentiable path, with the model's mask and aligned without
+        capped = method(**SMALL).attend(q, k, v, context(pos, pos, padding, softcap=1.5))
+        assert (capped.double() - ref_capped).abs().max() <= 2e-6
 
 
-def test_training_gradients_equal_the_references():
-    """Under autograd (the dense differentiable path) the gradients of q, k, v are the reference's."""
-    q, k, v, pos, pad = dense_inputs(2, 4, 2, 40, D, pad=7)
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("chunk", [bm.CHUNK, 7])
+def test_training_gradients_equal_the_references(padded, chunk, monkeypatch):
+    """Under autograd (the dense differentiable path) the gradients of q, k, v are the reference's,
+    with the model's padding mask and without a mask (aligned rows: the split local part)."""
+    monkeypatch.setattr(bm, "CHUNK", chunk)
+    q, k, v, pos, pad = dense_inputs(2, 4, 2, 40, D, pad=7 if padded else 0)
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
     weights = torch.randn(2, 40, 4, D, dtype=torch.float64)
-    got = method(**SMALL).attend(q, k, v, context(pos, pos, pad))
+    got = method(**SMALL).attend(q, k, v, context(pos, pos, pad if padded else None))
     grads = torch.autograd.grad((got.double()[pad] * weights[pad]).sum(), (q, k, v))
     ref = block_memory_attention(q, k, v, pos, pad, SMALL, rope_theta(BASE, D), 1.0, D, D ** -0.5)
     expected = torch.autograd.grad((ref[pad] * weights[pad]).sum(), (q, k, v))
